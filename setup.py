@@ -1,0 +1,46 @@
+"""dino-simpool: DINO self-supervised pretraining with SimPool pooling."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="dino-simpool",
+    version="0.1.0",
+    description="DINO self-supervised pretraining where the pooled vector comes from SimPool (ICCV 2023).",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dino_simpool", "dino_simpool.*", "eval", "eval.*", "launch", "launch.*"]),
+    package_data={"launch": ["recipes/*.yaml", "templates/*"]},
+    py_modules=["hubconf"],
+    install_requires=[
+        # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
+        # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
+        "torch>=2.3",
+        "torchvision>=0.18",
+        "timm>=1.0.9",
+        "faiss-cpu>=1.8",
+        "tensorboard>=2.14",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "scipy>=1.10",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dino-simpool-train=dino_simpool.train:main",
+            "dino-simpool-knn=eval.knn:main",
+            "dino-simpool-linear=eval.linear:main",
+            "dino-simpool-launch=launch.slurm:main",
+            "dino-simpool-export=eval.export:main",
+            "dino-simpool-attention=eval.attention:main",
+        ],
+    },
+)
