@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+
+from eval.boxes import box_iou, load_boxes_cub, load_boxes_json, load_boxes_voc, mask_boxes
+from eval.discovery import attention_box, corloc, cumulative_mass_mask, lost_box
+from eval.localization import MaxBoxAccV2, max_box_acc_v2
+
+
+def blob_map(h, w, box, value=1.0, base=0.0):
+    m = np.full((h, w), base)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def test_box_iou_hand_values():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[5, 5, 15, 15], [0, 0, 10, 10], [20, 20, 30, 30]])
+    np.testing.assert_allclose(box_iou(a, b), [[25 / 175, 1.0, 0.0]])
+
+
+def test_mask_boxes_one_per_component():
+    m = np.zeros((10, 10), bool)
+    m[1:3, 1:4] = True
+    m[6:9, 5:7] = True
+    assert sorted(mask_boxes(m)) == [(1.0, 1.0, 4.0, 3.0), (5.0, 6.0, 7.0, 9.0)]
+
+
+def test_maxboxacc_perfect_map_is_100():
+    gt = [(8, 8, 24, 20)]
+    res = max_box_acc_v2([blob_map(32, 32, gt[0])], [gt], [(32, 32)])
+    assert res["maxboxaccv2"] == pytest.approx(100.0)
+    assert res["per_iou"] == {0.3: 100.0, 0.5: 100.0, 0.7: 100.0}
+
+
+def test_maxboxacc_all_mass_in_one_pixel():
+    m = np.zeros((32, 32))
+    m[2, 30] = 1.0
+    far = max_box_acc_v2([m], [[(4, 4, 20, 20)]], [(32, 32)])
+    assert far["maxboxaccv2"] == 0.0  # the only box is 1 px, far from the object
+    hit = max_box_acc_v2([m], [[(30, 2, 31, 3)]], [(32, 32)])
+    assert hit["maxboxaccv2"] == pytest.approx(100.0)
+
+
+def test_maxboxacc_several_objects_any_box_counts():
+    # Two bright regions; ground truth is the smaller one: the box around *all* contours still finds it.
+    m = blob_map(32, 32, (0, 0, 16, 16), 0.8) + blob_map(32, 32, (24, 24, 30, 30), 1.0)
+    res = max_box_acc_v2([m], [[(24, 24, 30, 30)]], [(32, 32)])
+    assert res["maxboxaccv2"] == pytest.approx(100.0)
+    # With ground truth on both objects, image counts once.
+    res2 = max_box_acc_v2([m], [[(24, 24, 30, 30), (0, 0, 16, 16)]], [(32, 32)])
+    assert res2["maxboxaccv2"] == pytest.approx(100.0) and res2["num_images"] == 1
+
+
+def test_maxboxacc_mixed_images_and_sizes():
+    # Image 1 (64x32 image, 4x2 map upsampled): right half hot, GT right half -> correct.
+    # Image 2 (16x16): map hot on the wrong corner -> wrong at every IoU.
+    m1 = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # (h=4, w=2)
+    m2 = blob_map(16, 16, (0, 0, 4, 4))
+    res = max_box_acc_v2([m1, m2], [[(16, 0, 32, 64)], [(10, 10, 16, 16)]], [(64, 32), (16, 16)])
+    assert res["maxboxaccv2"] == pytest.approx(50.0)
+
+
+def test_maxboxacc_partial_overlap_depends_on_delta():
+    # Predicted region covers 12x12 of a 16x16 GT box -> IoU 144/256 = 0.5625: hit at 0.3 and 0.5, miss at 0.7.
+    m = blob_map(32, 32, (0, 0, 12, 12))
+    res = max_box_acc_v2([m], [[(0, 0, 16, 16)]], [(32, 32)])
+    assert res["per_iou"] == {0.3: 100.0, 0.5: 100.0, 0.7: 0.0}
+    assert res["maxboxaccv2"] == pytest.approx(200.0 / 3)
+
+
+def test_empty_box_list_is_a_clear_error():
+    with pytest.raises(ValueError, match="no ground-truth box"):
+        max_box_acc_v2([np.ones((4, 4))], [[]], [(8, 8)])
+    with pytest.raises(ValueError, match="no ground-truth box"):
+        corloc([(0, 0, 1, 1)], [[]])
+    with pytest.raises(ValueError, match="no image"):
+        MaxBoxAccV2().compute()
+
+
+def test_cumulative_mass_mask_matches_definition():
+    a = np.array([[0.5, 0.25], [0.125, 0.125]])  # exact in binary floating point
+    assert cumulative_mass_mask(a, 0.45).tolist() == [[True, False], [False, False]]
+    # 0.5 alone holds less than 0.6 of the mass: the next-highest value joins it.
+    assert cumulative_mass_mask(a, 0.6).tolist() == [[True, True], [False, False]]
+
+
+def test_attention_box_largest_component_scaled_to_image():
+    a = np.zeros((8, 8))
+    a[1:3, 1:3] = 1.0  # small blob (4 cells)
+    a[4:8, 3:7] = 1.0  # big blob (16 cells)
+    box = attention_box(a, image_size=(64, 64), mass=1.0)
+    assert box == (24.0, 32.0, 56.0, 64.0)
+
+
+def test_lost_finds_the_object_on_constructed_features():
+    h, w = 8, 8
+    obj = np.zeros((h, w), bool)
+    obj[2:5, 3:6] = True
+    rng = np.random.default_rng(0)
+    o, b = np.array([1.0, 0.0, 0.2]), np.array([-0.3, 1.0, 0.0])  # o·b < 0
+    feats = np.where(obj.reshape(-1, 1), o, b) + 0.01 * rng.standard_normal((h * w, 3))
+    box, seed = lost_box(feats, (h, w), image_size=(128, 128), k_patches=10)
+    assert obj.reshape(-1)[seed]
+    assert box == (48.0, 32.0, 96.0, 80.0)
+    assert corloc([box], [[(48, 32, 96, 80)]]) == 100.0
+
+
+def test_corloc_threshold():
+    assert corloc([(0, 0, 10, 10), (0, 0, 10, 10)], [[(0, 0, 10, 19)], [(0, 0, 10, 21)]]) == 50.0
+
+
+def test_box_file_formats(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"a/x.png": [[1, 2, 3, 4]]}))
+    assert load_boxes_json(tmp_path / "b.json") == {"a/x.png": [[1.0, 2.0, 3.0, 4.0]]}
+    (tmp_path / "images.txt").write_text("1 001.Bird/a.jpg\n2 002.Bird/b.jpg\n")
+    (tmp_path / "bounding_boxes.txt").write_text("1 10.0 20.0 30.0 40.0\n2 0 0 5 5\n")
+    cub = load_boxes_cub(tmp_path / "bounding_boxes.txt", tmp_path / "images.txt")
+    assert cub["001.Bird/a.jpg"] == [[10.0, 20.0, 40.0, 60.0]]
+    ann = tmp_path / "Annotations"
+    ann.mkdir()
+    (ann / "000001.xml").write_text(
+        "<annotation><filename>000001.jpg</filename><object><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>10</xmax><ymax>20</ymax></bndbox></object><object><bndbox><xmin>5</xmin><ymin>6</ymin>"
+        "<xmax>7</xmax><ymax>8</ymax></bndbox></object></annotation>"
+    )
+    assert load_boxes_voc(ann) == {"000001.jpg": [[0.0, 0.0, 10.0, 20.0], [4.0, 5.0, 7.0, 8.0]]}
