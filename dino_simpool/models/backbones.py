@@ -1,0 +1,454 @@
+"""Backbones on timm models with a pluggable pooling: ViT (tiny/small/base), ResNet (18/50) and ConvNeXt (tiny/small).
+
+``build_backbone(arch, pooling="simpool", ...)`` returns a :class:`Backbone` whose ``forward(x)`` is the pooled
+embedding (B, d). Where the pooling sits (SimPool paper, self-supervised code):
+
+* ViT, ``simpool`` (and any pooling but ``cls``), ``norm_order="ssl"`` (default): no class token, N position
+  embeddings; the pooling runs on the last block's *un-normalised* tokens and the ViT's final LayerNorm is applied to
+  the pooled vector. SimPool has a ``beta`` when gamma is not None (as the official key sets).
+  ``norm_order="supervised"``: final LayerNorm on the tokens, then the pooling (no norm after, no beta).
+* ViT, ``cls``: DINO's model: [CLS] + N+1 position embeddings; the output is the final-norm [CLS].
+  ``gap`` keeps the class token (the paper's GAP row) and averages the patch tokens.
+* ResNet: the pooling replaces global average pooling on the layer4 map; no norm after. SimPool keeps PyTorch's
+  default Linear init and has no beta, as the official ResNet.
+* ConvNeXt: the pooling runs on the stage-4 map, then the head's final LayerNorm (official: ``norm(GAP)``).
+
+The state dict is ``encoder.*`` (the timm model, timm key names) plus ``pool.*`` (the pooling module, e.g.
+``pool.wq.weight``): strip ``encoder.`` to get a timm state dict.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn import functional as F
+
+from dino_simpool.pooling import SimPool, build_pooling, get_pooling_entry
+
+VIT_ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+RESNET_ARCHS = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet_test": "test_resnet"}
+CONVNEXT_ARCHS = {"convnext_tiny": "convnext_tiny", "convnext_small": "convnext_small", "convnext_test": "test_convnext"}
+ARCHS = (*VIT_ARCHS, *RESNET_ARCHS, *CONVNEXT_ARCHS)
+NORM_ORDERS = ("ssl", "supervised")
+COMPATS = (None, "official")
+DEFAULT_GAMMA_VIT = 1.25
+DEFAULT_GAMMA_CNN = 2.0
+
+
+def list_archs() -> list[str]:
+    return list(ARCHS)
+
+
+class _ViT(VisionTransformer):
+    """timm's VisionTransformer with a switch for the official DINO/SimPool position-embedding resampling.
+
+    ``pos_embed_mode="timm"``: timm's ``resample_abs_pos_embed`` (identity at the build size).
+    ``pos_embed_mode="official"``: the official ``interpolate_pos_encoding``: bicubic with
+    ``scale_factor=((H + 0.1) / g, (W + 0.1) / g)`` on the g x g stored grid, skipped only when
+    ``tokens - 1 == stored patches`` and the grid is square. Without a class token (SimPool mode) ``tokens - 1`` never
+    equals the stored count, so the position embedding is always resampled, even at the build size.
+    """
+
+    pos_embed_mode: str = "timm"
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed_mode != "official":
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape  # dynamic_img_size: patch_embed gives NHWC
+        x = x.reshape(b, h * w, c)
+        n_prefix = self.num_prefix_tokens
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        x = x + official_resample_pos_embed(self.pos_embed, n_prefix, h, w)
+        return self.pos_drop(x)
+
+
+def official_resample_pos_embed(pos_embed: torch.Tensor, n_prefix: int, h: int, w: int) -> torch.Tensor:
+    """The official DINO/SimPool position-embedding interpolation for an h x w patch grid (see :class:`_ViT`)."""
+    stored = pos_embed.shape[1] - n_prefix
+    n_tokens = h * w + n_prefix
+    if n_tokens - 1 == stored and h == w:
+        return pos_embed
+    prefix, patch = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
+    g = math.sqrt(stored)
+    side = int(g)
+    dim = pos_embed.shape[-1]
+    grid = patch.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
+    if grid.shape[-2:] != (h, w):
+        raise RuntimeError(f"official pos-embed interpolation gave a {tuple(grid.shape[-2:])} grid for {(h, w)}")
+    patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    return torch.cat([prefix, patch], dim=1) if n_prefix else patch
+
+
+class Backbone(nn.Module):
+    """An encoder (timm model, ``self.encoder``) followed by a pooling (``self.pool``). See the module docstring."""
+
+    is_vit: bool = False
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = dict(config)
+        self.pooling = config["pooling"]
+        self.pool: nn.Module | None = None
+
+    # -- shared API -------------------------------------------------------------------------------------------------
+    @property
+    def compat(self) -> str | None:
+        return self.config["compat"]
+
+    def set_compat(self, compat: str | None) -> None:
+        """``"official"``: batch-wide SimPool min (and, for ViTs, the official position-embedding resampling)."""
+        if compat not in COMPATS:
+            raise ValueError(f"compat must be one of {COMPATS}; got {compat!r}")
+        if isinstance(self.pool, SimPool):
+            self.pool.min_over = "batch" if compat == "official" else "sample"
+        self.config["compat"] = compat
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pooled_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        raise ValueError(f"get_intermediate_layers is for ViTs; {self.config['arch']} is a CNN (use pooled_layers(x, 1))")
+
+    def _pool_attention(self, feats: torch.Tensor) -> torch.Tensor:
+        """The pooling's attention over locations (poolings without one raise ValueError)."""
+        _, attn = self.pool(feats, return_attention=True)
+        return attn
+
+    def extra_repr(self) -> str:
+        return f"arch={self.config['arch']}, pooling={self.pooling!r}, embed_dim={self.embed_dim}"
+
+
+class ViTBackbone(Backbone):
+    is_vit = True
+
+    def __init__(self, config: dict[str, Any], arch_cfg: dict[str, int], pool_options: dict[str, Any]):
+        super().__init__(config)
+        pooling, norm_order = config["pooling"], config["norm_order"]
+        needs_token = pooling in ("cls", "gap")  # the paper's GAP row keeps the class token
+        self.encoder = _ViT(
+            img_size=config["img_size"],
+            patch_size=config["patch_size"],
+            num_classes=0,
+            global_pool="",
+            class_token=needs_token,
+            dynamic_img_size=True,
+            drop_path_rate=config["drop_path_rate"],
+            qkv_bias=True,
+            mlp_ratio=4.0,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            **arch_cfg,
+        )
+        if self.encoder.cls_token is not None:  # DINO's init (timm uses N(0, 1e-6))
+            nn.init.trunc_normal_(self.encoder.cls_token, std=0.02)
+        self.embed_dim = arch_cfg["embed_dim"]
+        self.num_heads = arch_cfg["num_heads"]
+        self.depth = arch_cfg["depth"]
+        self.patch_size = config["patch_size"]
+        self.norm_order = norm_order
+        self.num_prefix_tokens = self.encoder.num_prefix_tokens
+        if pooling == "cls":
+            self.pool = None
+        else:
+            opts: dict[str, Any] = {}
+            if pooling == "simpool":
+                gamma = config["gamma"]
+                opts = dict(num_heads=1, gamma=gamma, use_beta=gamma is not None and norm_order == "ssl")
+            opts.update(pool_options)
+            self.pool = build_pooling(pooling, self.embed_dim, **opts)
+        self.set_compat(config["compat"])
+
+    def set_compat(self, compat: str | None) -> None:
+        super().set_compat(compat)
+        self.encoder.pos_embed_mode = "official" if compat == "official" else "timm"
+
+    # -- token path -------------------------------------------------------------------------------------------------
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}; resize or crop it")
+        return h // p, w // p
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._grid(x)
+        enc = self.encoder
+        x = enc.patch_embed(x)
+        x = enc._pos_embed(x)
+        x = enc.patch_drop(x)
+        return enc.norm_pre(x)
+
+    def _blocks(self, x: torch.Tensor, n_last: int) -> list[torch.Tensor]:
+        """Outputs (un-normalised) of the last ``n_last`` blocks."""
+        x = self._embed(x)
+        out = []
+        blocks = self.encoder.blocks
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if len(blocks) - i <= n_last:
+                out.append(x)
+        return out
+
+    def _call_pool(self, tokens: torch.Tensor, grid: tuple[int, int], return_attention: bool = False):
+        if getattr(self.pool, "uses_grid", False):
+            return self.pool(tokens, return_attention=return_attention, grid=grid)
+        return self.pool(tokens, return_attention=return_attention) if return_attention else self.pool(tokens)
+
+    def _pool_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Un-normalised block output (B, T, d) -> pooled, normed (B, d)."""
+        norm = self.encoder.norm
+        if self.pool is None:
+            return norm(tokens)[:, 0]
+        tokens = tokens[:, self.num_prefix_tokens:]
+        if self.norm_order == "ssl":
+            return norm(self._call_pool(tokens, grid))
+        return self._call_pool(norm(tokens), grid)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens (B, T, d), T = N patches (+1 with a class token, which comes first): ssl order
+        un-normalised (what SimPool sees); supervised order and cls: after the final norm."""
+        t = self._blocks(x, 1)[-1]
+        if self.pool is None or self.norm_order == "supervised":
+            t = self.encoder.norm(t)
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pool_tokens(self._blocks(x, 1)[-1], self._grid(x))
+
+    def pooled_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The pooled, normed vector of each of the last ``n`` blocks (cls: final-norm [CLS], as DINO's linear eval)."""
+        _check_n(n, self.depth)
+        grid = self._grid(x)
+        return [self._pool_tokens(t, grid) for t in self._blocks(x, n)]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """DINO semantics: the final-norm outputs (all tokens) of the last ``n`` blocks."""
+        _check_n(n, self.depth)
+        return [self.encoder.norm(t) for t in self._blocks(x, n)]
+
+    # -- attention maps ---------------------------------------------------------------------------------------------
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """cls: ``heads`` (B, heads, h, w), the last block's [CLS]-to-patch attention per head, and ``mean_blocks``
+        (B, h, w), the mean over blocks of the head-averaged [CLS] attention (both rows of a softmax over
+        [CLS] + patches, so they sum to 1 minus the [CLS] self-weight). Other poolings: ``pool`` (B, h, w).
+
+        The blocks keep fused attention; the [CLS] rows are recomputed explicitly from each block's attention input
+        by a forward pre-hook on its ``attn`` module, only during this call.
+        """
+        h, w = self._grid(x)
+        b = x.shape[0]
+        if self.pool is not None:
+            tokens = self.forward_features(x)[:, self.num_prefix_tokens:]
+            _, attn = self._call_pool(tokens, (h, w), return_attention=True)
+            return {"pool": attn.reshape(b, h, w)}
+        rows: list[torch.Tensor] = []
+        with _cls_attention_hooks(self.encoder.blocks, rows):
+            self._blocks(x, 1)
+        patch_rows = [r[:, :, self.num_prefix_tokens:] for r in rows]  # (B, heads, h*w)
+        heads = patch_rows[-1].reshape(b, -1, h, w)
+        mean_blocks = torch.stack([r.mean(1) for r in patch_rows]).mean(0).reshape(b, h, w)
+        return {"heads": heads, "mean_blocks": mean_blocks}
+
+
+def _cls_row_attention(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the first token's query over all keys, (B, heads, T), computed explicitly."""
+    b, t, _ = x.shape
+    qkv = attn_mod.qkv(x).reshape(b, t, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    logits = (q[:, :, :1] * attn_mod.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
+    return logits.softmax(dim=-1)[:, :, 0]
+
+
+@contextmanager
+def _cls_attention_hooks(blocks: nn.Module, rows: list[torch.Tensor]):
+    handles = [
+        blk.attn.register_forward_pre_hook(lambda mod, args: rows.append(_cls_row_attention(mod, args[0])))
+        for blk in blocks
+    ]
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@contextmanager
+def explicit_attention(model: Backbone):
+    """Temporarily run this model's ViT blocks with explicit (non-fused) attention, e.g. to benchmark the fused
+    path. Only the blocks of ``model`` are switched, and they are restored on exit."""
+    mods = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in mods]
+    try:
+        for m in mods:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, s in zip(mods, saved):
+            m.fused_attn = s
+
+
+def _check_n(n: int, depth: int) -> None:
+    if not isinstance(n, int) or not 1 <= n <= depth:
+        raise ValueError(f"n must be an integer in [1, {depth}] (the number of last blocks); got {n!r}")
+
+
+class CNNBackbone(Backbone):
+    """ResNet or ConvNeXt from timm; the pooling replaces GAP on the last stage's map."""
+
+    def __init__(self, config: dict[str, Any], timm_name: str, family: str, pool_options: dict[str, Any]):
+        super().__init__(config)
+        self.family = family
+        kwargs: dict[str, Any] = dict(num_classes=0, drop_path_rate=config["drop_path_rate"])
+        if family == "resnet":
+            kwargs["zero_init_last"] = False  # torchvision / official init
+        self.encoder = timm.create_model(timm_name, pretrained=False, **kwargs)
+        self.embed_dim = self.encoder.num_features
+        self.patch_size = int(self.encoder.feature_info[-1]["reduction"])
+        pooling = config["pooling"]
+        opts: dict[str, Any] = {}
+        if pooling == "simpool":
+            opts = dict(num_heads=1, gamma=config["gamma"], use_beta=False)
+            if family == "resnet":
+                opts["init"] = "default"  # official ResNet keeps PyTorch's default Linear init
+        opts.update(pool_options)
+        self.pool = build_pooling(pooling, self.embed_dim, **opts)
+        self.set_compat(config["compat"])
+
+    def _head_norm(self, v: torch.Tensor) -> torch.Tensor:
+        if self.family != "convnext":
+            return v
+        return self.encoder.head.norm(v[:, :, None, None]).flatten(1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (B, d, h, w) (ConvNeXt: before the final norm)."""
+        return self.encoder.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head_norm(self.pool(self.forward_features(x)))
+
+    def pooled_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        if n != 1:
+            raise ValueError(f"CNN backbones have one pooled layer; pooled_layers needs n=1, got n={n!r}")
+        return [self.forward(x)]
+
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pool``: the pooling's attention over the last map's locations, (B, h, w)."""
+        attn = self._pool_attention(self.forward_features(x))
+        return {"pool": attn}
+
+
+def _resolve_gamma(gamma, is_vit: bool):
+    if isinstance(gamma, str):
+        if gamma == "default":
+            return DEFAULT_GAMMA_VIT if is_vit else DEFAULT_GAMMA_CNN
+        if gamma.lower() == "none":
+            return None
+        try:
+            gamma = float(gamma)
+        except ValueError:
+            raise ValueError(f"gamma must be a number > 0, None or 'default'; got {gamma!r}") from None
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0):
+        raise ValueError(f"gamma must be a number > 0, None or 'default'; got {gamma!r}")
+    return None if gamma is None else float(gamma)
+
+
+def build_backbone(
+    arch: str,
+    pooling: str = "simpool",
+    gamma: float | str | None = "default",
+    patch_size: int = 16,
+    drop_path_rate: float = 0.0,
+    img_size: int = 224,
+    depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    norm_order: str = "ssl",
+    compat: str | None = None,
+    **pool_options,
+) -> Backbone:
+    """Build ``arch`` with ``pooling`` (a registry name, ``cls`` or ``gap``).
+
+    gamma: SimPool's exponent; ``"default"`` = 1.25 for ViTs, 2.0 for CNNs; ``None`` = no power. Ignored by other
+    poolings. patch_size / img_size / depth / embed_dim / num_heads: ViT only (``img_size`` sets the stored position
+    embedding grid; any multiple of the patch size is accepted at run time). norm_order: ``"ssl"`` or
+    ``"supervised"`` (ViT). compat: ``None`` or ``"official"`` (batch-wide SimPool min and the official ViT
+    position-embedding resampling, to reproduce the official checkpoints' features). ``pool_options`` go to the
+    pooling builder. ``build_backbone(**model.config)`` rebuilds the model.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if not isinstance(pooling, str):
+        raise ValueError(f"pooling must be a registry name, 'cls' or 'gap'; got {pooling!r}")
+    pooling = pooling.lower()
+    if pooling not in ("cls", "gap"):
+        get_pooling_entry(pooling)  # unknown names raise ValueError listing the registry
+    if norm_order not in NORM_ORDERS:
+        raise ValueError(f"norm_order must be one of {NORM_ORDERS}; got {norm_order!r}")
+    if compat not in COMPATS:
+        raise ValueError(f"compat must be None or 'official'; got {compat!r}")
+    if not isinstance(drop_path_rate, (int, float)) or not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+    is_vit = arch in VIT_ARCHS
+    gamma = _resolve_gamma(gamma, is_vit)
+    if isinstance(img_size, list):
+        img_size = tuple(img_size)
+    config = dict(
+        arch=arch, pooling=pooling, gamma=gamma, patch_size=patch_size, drop_path_rate=float(drop_path_rate),
+        img_size=list(img_size) if isinstance(img_size, tuple) else img_size, depth=depth, embed_dim=embed_dim,
+        num_heads=num_heads, norm_order=norm_order, compat=compat, **pool_options,
+    )
+    if is_vit:
+        arch_cfg = dict(VIT_ARCHS[arch])
+        for key, val in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if val is not None:
+                if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                    raise ValueError(f"{key} must be a positive integer; got {val!r}")
+                arch_cfg[key] = val
+        if arch_cfg["embed_dim"] % arch_cfg["num_heads"]:
+            raise ValueError(
+                f"embed_dim={arch_cfg['embed_dim']} is not divisible by num_heads={arch_cfg['num_heads']}"
+            )
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer; got {patch_size!r}")
+        sizes = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+        if any((not isinstance(s, int)) or s < patch_size or s % patch_size for s in sizes):
+            raise ValueError(f"img_size {img_size!r} must be a multiple of patch_size={patch_size}")
+        return ViTBackbone(config, arch_cfg, pool_options)
+    for key, val in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if val is not None:
+            raise ValueError(f"{key} is a ViT option; {arch} does not take it (leave it unset)")
+    if norm_order != "ssl":
+        raise ValueError(f"norm_order applies to ViTs; {arch} has one order (leave norm_order='ssl')")
+    if pooling == "cls" and "cls" not in _registry_names():
+        raise ValueError("pooling 'cls' for CNNs needs the registry's standalone 'cls' pooling, which is not available")
+    if arch in RESNET_ARCHS:
+        return CNNBackbone(config, RESNET_ARCHS[arch], "resnet", pool_options)
+    return CNNBackbone(config, CONVNEXT_ARCHS[arch], "convnext", pool_options)
+
+
+def _registry_names() -> set[str]:
+    from dino_simpool.pooling import POOLINGS
+
+    return set(POOLINGS)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
