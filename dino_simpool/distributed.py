@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -36,24 +37,57 @@ class DistEnv:
         return self.world_size > 1
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand a Slurm host list such as ``node[01-03,07],gpu5`` into host names (what ``scontrol show hostnames`` prints)."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", hostlist.strip()):
-        m = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
-        if not m:
-            if part:
-                hosts.append(part)
+def _split_top_level(s: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"bad Slurm host list {s!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"bad Slurm host list {s!r}: unbalanced '['")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(name: str) -> list[str]:
+    """``rack[1-2]-n[01,03]`` -> rack1-n01, rack1-n03, rack2-n01, rack2-n03 (several bracket groups multiply)."""
+    m = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", name)
+    if not m:
+        return [name]
+    prefix, ranges, rest = m.groups()
+    values: list[str] = []
+    for rng in ranges.split(","):
+        rng = rng.strip()
+        if not rng:
             continue
-        prefix, ranges, suffix = m.groups()
-        for rng in ranges.split(","):
-            if "-" in rng:
-                lo, hi = rng.split("-", 1)
-                width = len(lo)
-                for i in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
-            else:
-                hosts.append(f"{prefix}{rng}{suffix}")
+        if "-" in rng:
+            lo, hi = rng.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad range {rng!r} in Slurm host list {name!r}")
+            width = len(lo) if lo.startswith("0") else 0
+            values.extend(f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            values.append(rng)
+    return [f"{prefix}{v}{tail}" for v in values for tail in _expand_one(rest)]
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand a Slurm host list such as ``node[01-03,07],gpu5`` into host names (what ``scontrol show hostnames`` prints).
+
+    Zero padding follows the lower bound (``n[08-10]`` -> n08, n09, n10); several bracket groups in one name multiply.
+    """
+    hosts: list[str] = []
+    for part in _split_top_level(hostlist.strip()):
+        hosts.extend(_expand_one(part))
     return hosts
 
 
@@ -84,8 +118,12 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT"),
             source="torchrun",
         )
-    # Inside an srun step (SLURM_STEP_NUM_TASKS is set by srun, not by the batch script itself).
-    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+    # Inside an srun step. Measured on Slurm 22.05: srun gives every task SLURM_PROCID, SLURM_LOCALID,
+    # SLURM_STEP_ID, SLURM_STEP_NUM_TASKS and SLURM_STEP_NODELIST. The batch shell of an sbatch job has SLURM_PROCID=0
+    # and SLURM_NTASKS (the job's task count) but no SLURM_STEP_ID / SLURM_STEP_NUM_TASKS: a python started there
+    # without srun is ONE process, and taking SLURM_NTASKS as its world size would wait forever for absent peers.
+    in_step = "SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    if "SLURM_PROCID" in env and in_step and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
         world = _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in env else _int(env, "SLURM_NTASKS")
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         hosts = expand_hostlist(nodelist)
@@ -147,6 +185,10 @@ def init_distributed(
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    if os.environ.get("DINO_SIMPOOL_LOG_RANKS"):  # set by the Slurm launcher's script: one line per rank in the log
+        print(f"[rank {env.rank}/{env.world_size}] process group up: {backend}, host {socket.gethostname()}, "
+              f"local rank {env.local_rank}, master {env.master_addr}:{env.master_port} (from {env.source})",
+              flush=True)
     return env
 
 

@@ -1,0 +1,403 @@
+"""``dino-simpool-launch``: submit pretraining or an evaluation to Slurm, with requeue on preemption.
+
+    dino-simpool-launch --nodes 2 --gpus-per-node 8 --partition gpu --time 2-00:00:00 \\
+        -- --arch vit_small --data_path /data/imagenet --output_dir /checkpoints/dino_simpool_vits
+
+The launcher writes a readable sbatch script into ``<output_dir>/slurm/``, submits it with ``sbatch`` and prints the
+job id, the script and the log paths (``--dry-run`` prints the script and submits nothing). In the script:
+
+- one srun task per GPU (``--ntasks-per-node = --gpus-per-node``, the node's GPUs requested with ``--gres=gpu:G``;
+  each task uses ``cuda:<local rank>``, so every GPU has exactly one task and NCCL still sees the node's other GPUs
+  for peer-to-peer copies); ``--gpus-per-node 0`` runs ``--ntasks-per-node`` CPU tasks with gloo;
+- every task runs ``<python> -m <job module>`` directly, with the Python of the environment the launcher runs in;
+  rank, world size, master address and port come from :mod:`dino_simpool.distributed` (no torchrun, no rendezvous
+  file);
+- ``--signal=USR1@<grace>``: the tasks save and exit 75 (see ``dino_simpool.signals``); the batch script then runs
+  ``scontrol requeue`` itself, after srun has returned. It does this rather than rank 0 because then (a) every rank
+  has finished writing before Slurm kills the step, (b) the decision uses srun's exit status (the highest over all
+  tasks), so a rank killed by a signal (128+n) or a failure on every rank (1, 3) is not requeued, (c) the count and its limit live in
+  one place for train, knn and linear alike, and (d) the job's state is checked first: a saved exit after
+  ``scancel`` (state COMPLETING) is not brought back.
+
+Exit codes: 0 submitted (or dry run printed); 2 bad options or sbatch refused the job (its own message is shown).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+TEMPLATE = Path(__file__).with_name("templates") / "slurm.sbatch"
+
+# --job -> (python module, the job's process-group backend flag, saves and exits 75 on SIGUSR1/SIGTERM)
+# eval.knn and eval.linear do not handle SIGUSR1 (its default action kills), so they get no --signal: they run until
+# the time limit; a Slurm preemption with PreemptMode=REQUEUE still requeues them (--requeue), and eval.linear then
+# resumes from its per-epoch checkpoint by itself. Flip the third field when a job learns to exit 75 on USR1.
+JOBS = {
+    "train": ("dino_simpool.train", "--backend", True),
+    "knn": ("eval.knn", "--dist_backend", False),
+    "linear": ("eval.linear", "--backend", False),
+}
+EXIT_SAVED = 75
+_TIME_RE = re.compile(
+    r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|unlimited|infinite)$",
+    re.IGNORECASE,
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MAIL_TYPES = {"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+               "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"}
+
+
+@dataclass
+class LaunchSpec:
+    """Everything the sbatch script depends on (plain data, so the script is a pure function of it)."""
+
+    job: str = "train"
+    job_args: list[str] = field(default_factory=list)
+    output_dir: str = ""  # absolute
+    workdir: str = ""  # absolute; the job's working directory (--chdir)
+    python: str = sys.executable
+    module: str | None = None  # overrides JOBS[job] (a module name, or a path to a .py file)
+    nodes: int = 1
+    gpus_per_node: int = 8
+    ntasks_per_node: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    mem: str | None = None
+    cpus_per_task: int | None = None
+    job_name: str | None = None
+    mail_user: str | None = None
+    mail_type: str | None = None
+    signal_grace: int = 120
+    max_requeues: int = 20
+    dry_run: bool = False  # not part of the script
+
+    # ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.job_name or f"dino-{self.job}"
+
+    @property
+    def handles_signal(self) -> bool:
+        """Whether the job saves and exits 75 on SIGUSR1 (a --module job is expected to, like the training)."""
+        return self.module is not None or JOBS[self.job][2]
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else (self.ntasks_per_node or 1)
+
+    @property
+    def slurm_dir(self) -> str:
+        return os.path.join(self.output_dir, "slurm")
+
+    @property
+    def script_path(self) -> str:
+        return os.path.join(self.slurm_dir, f"{self.name}.sbatch")
+
+    def log_path(self, job_id: str = "%j") -> str:
+        return os.path.join(self.slurm_dir, f"{self.name}-{job_id}.log")
+
+    def validate(self) -> "LaunchSpec":
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if self.job not in JOBS:
+            bad(f"--job must be one of {', '.join(JOBS)}; got {self.job!r}")
+        if self.nodes < 1:
+            bad(f"--nodes must be >= 1; got {self.nodes}")
+        if self.gpus_per_node < 0:
+            bad(f"--gpus-per-node must be >= 0 (0 = CPU tasks with gloo); got {self.gpus_per_node}")
+        if self.ntasks_per_node is not None:
+            if self.ntasks_per_node < 1:
+                bad(f"--ntasks-per-node must be >= 1; got {self.ntasks_per_node}")
+            if self.gpus_per_node > 0 and self.ntasks_per_node != self.gpus_per_node:
+                bad(f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node {self.gpus_per_node}: GPU jobs run "
+                    "one task per GPU; leave --ntasks-per-node out (it is for --gpus-per-node 0, CPU tasks)")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            bad(f"--cpus-per-task must be >= 1; got {self.cpus_per_task}")
+        if self.time is not None and not _TIME_RE.match(self.time):
+            bad(f"--time {self.time!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+        if self.signal_grace < 1:
+            bad(f"--signal-grace must be >= 1 second (the time the tasks get to save before the limit); "
+                f"got {self.signal_grace}")
+        if self.max_requeues < 0:
+            bad(f"--max-requeues must be >= 0; got {self.max_requeues}")
+        if self.job_name is not None and not _NAME_RE.match(self.job_name):
+            bad(f"--job-name {self.job_name!r}: use letters, digits, '.', '_' and '-' (it names the script and logs)")
+        if self.mail_type is not None:
+            unknown = [t for t in self.mail_type.upper().split(",") if t not in _MAIL_TYPES]
+            if unknown:
+                bad(f"--mail-type: unknown {','.join(unknown)}; use a comma list of {', '.join(sorted(_MAIL_TYPES))}")
+            if not self.mail_user:
+                bad("--mail-type needs --mail-user (the address to mail)")
+        if not os.path.isabs(self.output_dir) or not os.path.isabs(self.workdir):
+            bad("internal: output_dir and workdir must be absolute paths")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Job flags
+
+
+def _find_flag(args: Sequence[str], flag: str) -> tuple[int, str] | None:
+    """Index and value of ``flag V`` or ``flag=V`` in a job's flags (the last one wins, as in argparse)."""
+    found = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            found = (i, args[i + 1])
+        elif a.startswith(flag + "="):
+            found = (i, a.split("=", 1)[1])
+    return found
+
+
+def resolve_job_args(job: str, job_args: Sequence[str], output_dir: str | None, gpus_per_node: int,
+                     cwd: str) -> tuple[list[str], str]:
+    """The job's flags as they go into the script, and the absolute output dir.
+
+    The output dir is the job's own ``--output_dir`` if given (made absolute), else the launcher's ``--output_dir``
+    (added to the job's flags), else ``<cwd>/output/<job>``. CPU mode adds the job's gloo backend flag unless a
+    backend is already given.
+    """
+    args = list(job_args)
+    hit = _find_flag(args, "--output_dir")
+    if hit is not None:
+        i, value = hit
+        out = os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
+        if output_dir is not None and os.path.normpath(os.path.join(cwd, output_dir)) != out:
+            raise ValueError(f"--output_dir is given twice with different values ({output_dir} for the launcher, "
+                             f"{value} for the job); give it once")
+        if args[i] == "--output_dir":
+            args[i + 1] = out
+        else:
+            args[i] = f"--output_dir={out}"
+    else:
+        out = os.path.normpath(os.path.join(cwd, os.path.expanduser(output_dir or os.path.join("output", job))))
+        args += ["--output_dir", out]
+    if gpus_per_node == 0:
+        backend_flag = JOBS[job][1]
+        has_backend = _find_flag(args, backend_flag) is not None
+        if job == "knn":  # eval.knn also accepts the process-group backend under --backend (SimPool compat)
+            b = _find_flag(args, "--backend")
+            has_backend = has_backend or (b is not None and b[1] in ("nccl", "gloo"))
+        if not has_backend:
+            args += [backend_flag, "gloo"]
+    return args, out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The script
+
+
+def _sbatch_lines(spec: LaunchSpec) -> list[str]:
+    lines = [
+        f"--job-name={spec.name}",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.tasks_per_node}",
+    ]
+    if spec.gpus_per_node > 0:
+        lines.append(f"--gres=gpu:{spec.gpus_per_node}")
+    if spec.cpus_per_task is not None:
+        lines.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.mem is not None:
+        lines.append(f"--mem={spec.mem}")
+    for flag, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account),
+                        ("qos", spec.qos), ("constraint", spec.constraint), ("exclude", spec.exclude),
+                        ("mail-user", spec.mail_user), ("mail-type", spec.mail_type)):
+        if value is not None:
+            lines.append(f"--{flag}={value}")
+    if spec.handles_signal:
+        lines.append(f"--signal=USR1@{spec.signal_grace}")
+    lines += [
+        "--requeue",
+        "--open-mode=append",
+        f"--output={spec.log_path()}",
+        f"--chdir={spec.workdir}",
+    ]
+    return [f"#SBATCH {shlex.quote(x) if ' ' in x else x}" for x in lines]
+
+
+def _group_flags(args: Sequence[str]) -> list[list[str]]:
+    """``--a 1 --b --c x y`` -> [[--a, 1], [--b], [--c, x, y]]: one flag and its values per line."""
+    groups: list[list[str]] = []
+    for a in args:
+        if not groups or (a.startswith("-") and not re.match(r"^-\.?\d", a)):
+            groups.append([a])
+        else:
+            groups[-1].append(a)
+    return groups
+
+
+def _srun_block(spec: LaunchSpec) -> str:
+    srun = ["srun", "--label", "--kill-on-bad-exit=0", f"--ntasks-per-node={spec.tasks_per_node}"]
+    module = spec.module or JOBS[spec.job][0]
+    cmd = [spec.python, "-u"] + ([module] if module.endswith(".py") else ["-m", module])
+    lines = [" ".join(srun) + " \\", "    " + " ".join(shlex.quote(c) for c in cmd)]
+    for g in _group_flags(spec.job_args):
+        lines[-1] += " \\"
+        lines.append("        " + " ".join(shlex.quote(x) for x in g))
+    return "\n".join(lines)
+
+
+def render_script(spec: LaunchSpec) -> str:
+    """The sbatch script for ``spec`` (a pure function of it: the golden-file tests call this)."""
+    spec.validate()
+    total = spec.nodes * spec.tasks_per_node
+    module = spec.module or JOBS[spec.job][0]
+    if spec.gpus_per_node > 0:
+        what = (f"Job: {spec.job} ({module}) on {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s) = {total} tasks, "
+                f"one per GPU (cuda:<local rank>).")
+    else:
+        what = (f"Job: {spec.job} ({module}) on {spec.nodes} node(s) x {spec.tasks_per_node} CPU task(s) = "
+                f"{total} tasks, gloo.")
+    if spec.handles_signal:
+        note = (f"Slurm sends SIGUSR1 to the tasks {spec.signal_grace} s before the time limit\n"
+                "# (--signal; also `scancel --signal=USR1 --full <job id>`, or a preemption that signals). The tasks save\n"
+                "# a checkpoint at the current iteration and exit 75; this script then runs `scontrol requeue` (at most\n"
+                "# MAX_REQUEUES times, counted in REQUEUE_FILE) and the next run resumes from the checkpoint.")
+    else:
+        note = (f"{module} does not handle SIGUSR1, so no --signal is asked for: it\n"
+                "# runs to the time limit. A Slurm preemption with PreemptMode=REQUEUE still requeues it (--requeue). The\n"
+                "# exit-75 requeue below stays for a job that learns to save on SIGUSR1.")
+    text = TEMPLATE.read_text(encoding="utf-8")
+    subs = {
+        "{{SBATCH}}": "\n".join(_sbatch_lines(spec)),
+        "{{SCRIPT}}": shlex.quote(spec.script_path),
+        "{{DESCRIPTION}}": what,
+        "{{PREEMPTION_NOTE}}": note,
+        "{{OUTPUT_DIR}}": shlex.quote(spec.output_dir),
+        "{{MAX_REQUEUES}}": str(spec.max_requeues),
+        "{{JOB_NAME}}": spec.name,
+        "{{SRUN}}": _srun_block(spec),
+    }
+    for key, value in subs.items():
+        text = text.replace(key, value)
+    assert "{{" not in text, "unfilled placeholder in the sbatch template"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dino-simpool-launch",
+        description="Submit DINO-SimPool pretraining (or a k-NN / linear evaluation) to Slurm: one task per GPU, "
+                    "USR1 before the time limit, save + requeue on preemption. Everything after `--` goes to the job.",
+        epilog="example: dino-simpool-launch --nodes 2 --gpus-per-node 8 --partition gpu --time 2-00:00:00 "
+               "-- --arch vit_small --data_path /data/imagenet --output_dir /ckpt/vits",
+    )
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU; 0 = CPU tasks with gloo")
+    r.add_argument("--ntasks-per-node", type=int, default=None, help="CPU mode (--gpus-per-node 0) only; default 1")
+    r.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers)")
+    r.add_argument("--mem", default=None, help="memory per node, e.g. 400G (Slurm's --mem)")
+    r.add_argument("--partition", default=None, help="default: the cluster's default partition")
+    r.add_argument("--time", default=None, help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    r.add_argument("--account", default=None)
+    r.add_argument("--qos", default=None)
+    r.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
+    r.add_argument("--exclude", default=None, help="nodes to avoid, e.g. node[03,07]")
+    j = p.add_argument_group("job")
+    j.add_argument("--job", default="train", choices=sorted(JOBS), help="train (default), knn or linear")
+    j.add_argument("--module", default=None,
+                   help="advanced: run this Python module (or .py file) instead of the --job's one; it must read "
+                        "its rank from dino_simpool.distributed")
+    j.add_argument("--job-name", default=None, help="default: dino-<job>")
+    j.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+                   help="the job's output dir when the job flags have no --output_dir (default ./output/<job>); "
+                        "the script, logs and requeue count go to <output_dir>/slurm/")
+    j.add_argument("--mail-user", default=None)
+    j.add_argument("--mail-type", default=None, help="e.g. END,FAIL,REQUEUE")
+    q = p.add_argument_group("preemption")
+    q.add_argument("--signal-grace", type=int, default=120,
+                   help="seconds before the time limit at which the tasks get SIGUSR1 to save (default 120)")
+    q.add_argument("--max-requeues", type=int, default=20, help="requeues allowed per job (default 20)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
+    return p
+
+
+def spec_from_args(argv: Sequence[str], cwd: str | None = None, python: str | None = None) -> LaunchSpec:
+    """Parse ``[launcher options] -- [job flags]``. Raises ValueError for bad values (argparse exits 2 itself)."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        own, job_args = argv[:i], argv[i + 1:]
+    else:
+        own, job_args = argv, []
+    ns = build_parser().parse_args(own)
+    cwd = os.path.abspath(cwd or os.getcwd())
+    if ns.gpus_per_node is not None and ns.gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node must be >= 0 (0 = CPU tasks with gloo); got {ns.gpus_per_node}")
+    args, out = resolve_job_args(ns.job, job_args, ns.output_dir, ns.gpus_per_node, cwd)
+    spec = LaunchSpec(
+        job=ns.job, job_args=args, output_dir=out, workdir=cwd, python=python or sys.executable, module=ns.module,
+        nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, ntasks_per_node=ns.ntasks_per_node,
+        partition=ns.partition, time=ns.time, account=ns.account, qos=ns.qos, constraint=ns.constraint,
+        exclude=ns.exclude, mem=ns.mem, cpus_per_task=ns.cpus_per_task, job_name=ns.job_name,
+        mail_user=ns.mail_user, mail_type=ns.mail_type, signal_grace=ns.signal_grace,
+        max_requeues=ns.max_requeues, dry_run=ns.dry_run,
+    )
+    if spec.module and spec.module.endswith(".py"):
+        spec.module = os.path.normpath(os.path.join(cwd, spec.module))
+    return spec.validate()
+
+
+def submit(spec: LaunchSpec, script: str) -> str:
+    """Write the script, run ``sbatch --parsable`` and return the job id. Raises RuntimeError with sbatch's message."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise RuntimeError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run to see the script)")
+    os.makedirs(spec.slurm_dir, exist_ok=True)
+    with open(spec.script_path, "w", encoding="utf-8") as f:
+        f.write(script)
+    os.chmod(spec.script_path, 0o755)
+    proc = subprocess.run([sbatch, "--parsable", spec.script_path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip() or f"sbatch exited with status {proc.returncode}"
+        raise RuntimeError(f"sbatch refused the job: {msg}")
+    job_id = proc.stdout.strip().split(";")[0].strip()
+    if not job_id.isdigit():
+        raise RuntimeError(f"sbatch printed no job id: {proc.stdout.strip()!r} {proc.stderr.strip()!r}")
+    return job_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        spec = spec_from_args(argv)
+        script = render_script(spec)
+    except ValueError as e:
+        print(f"dino-simpool-launch: error: {e}", file=sys.stderr)
+        return 2
+    if spec.dry_run:
+        sys.stdout.write(script)
+        return 0
+    try:
+        job_id = submit(spec, script)
+    except (RuntimeError, OSError) as e:
+        print(f"dino-simpool-launch: error: {e}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job_id}")
+    print(f"  script:     {spec.script_path}")
+    print(f"  slurm log:  {spec.log_path(job_id)}")
+    print(f"  output dir: {spec.output_dir}")
+    print(f"  requeues:   {os.path.join(spec.slurm_dir, f'{spec.name}-{job_id}.requeues')} (max {spec.max_requeues})")
+    print(f"  watch with: squeue -j {job_id}; tail -f {shlex.quote(spec.log_path(job_id))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

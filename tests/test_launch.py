@@ -1,0 +1,382 @@
+"""The Slurm launcher without a Slurm: script generation (golden files), the requeue bookkeeping of the script (with
+fake srun/scontrol), the command line, and dino_simpool.distributed's environment detection.
+
+Regenerate the golden files after an intended change with:  UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_launch.py
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dino_simpool.distributed import PORT_BASE, PORT_SPAN, detect_env, expand_hostlist, port_from_job_id
+from launch import slurm as L
+
+GOLDEN = Path(__file__).parent / "golden"
+CWD = "/home/alice/dino-simpool"
+PY = "/opt/venvs/dino/bin/python"
+
+CASES = {
+    # 2 nodes x 8 GPUs with every scheduling option
+    "train_2x8_gpu": ["--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "2-00:00:00",
+                      "--account", "vision", "--qos", "high", "--constraint", "a100", "--exclude", "node[03,07]",
+                      "--mem", "400G", "--cpus-per-task", "10", "--mail-user", "alice@example.org",
+                      "--mail-type", "END,FAIL", "--",
+                      "--arch", "vit_small", "--patch_size", "16", "--data_path", "/data/imagenet",
+                      "--output_dir", "/checkpoints/vits16", "--global_crops_scale", "0.25", "1.0", "--lr", "0.0005"],
+    # CPU mode: 2 gloo tasks, the output dir from the launcher, a relative path made absolute
+    "train_cpu_2tasks": ["--gpus-per-node", "0", "--ntasks-per-node", "2", "--partition", "debug", "--time", "10",
+                         "--signal-grace", "300", "--output_dir", "runs/cpu", "--", "--arch", "vit_tiny", "--depth", "1", "--epochs", "2"],
+    # k-NN eval on 1 node x 4 GPUs, default partition and time
+    "knn_1x4_gpu": ["--job", "knn", "--gpus-per-node", "4", "--", "--pretrained_weights",
+                    "/checkpoints/vits16/checkpoint.pth", "--data_path", "/data/imagenet",
+                    "--output_dir=/checkpoints/vits16/knn"],
+    # linear eval with its own name, grace and requeue limit
+    "linear_custom": ["--job", "linear", "--nodes", "1", "--gpus-per-node", "2", "--time", "12:00:00",
+                      "--job-name", "vits-linear", "--max-requeues", "5", "--",
+                      "--pretrained_weights", "/checkpoints/vits16/checkpoint.pth", "--epochs", "100",
+                      "--output_dir", "/checkpoints/vits16/linear", "--lrs", "0.001", "0.01", "0.1"],
+}
+
+
+def render(argv) -> str:
+    return L.render_script(L.spec_from_args(argv, cwd=CWD, python=PY))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_script_matches_golden(name):
+    text = render(CASES[name])
+    path = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; create it with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{name}: the script differs from {path} (UPDATE_GOLDEN=1 after an intended change)"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_script_is_valid_bash(name, tmp_path):
+    f = tmp_path / "job.sbatch"
+    f.write_text(render(CASES[name]))
+    proc = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_script_contents_gpu():
+    text = render(CASES["train_2x8_gpu"])
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8",
+                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --exclude=node[03,07]", "#SBATCH --output=/checkpoints/vits16/slurm/dino-train-%j.log",
+                 f"#SBATCH --chdir={CWD}", "MAX_REQUEUES=20", "trap "):
+        assert line in text, line
+    assert f"{PY} -u -m dino_simpool.train" in text
+    assert "torchrun" not in text.replace("no torchrun", "").replace("torchrun variables", "")
+    assert "--backend" not in text  # GPU jobs pick nccl themselves
+    assert "scontrol requeue \"$SLURM_JOB_ID\"" in text
+
+
+def test_script_contents_cpu():
+    text = render(CASES["train_cpu_2tasks"])
+    assert "#SBATCH --ntasks-per-node=2" in text and "--gres" not in text
+    assert f"--output_dir {CWD}/runs/cpu" in text
+    assert "--backend gloo" in text
+    assert f"#SBATCH --output={CWD}/runs/cpu/slurm/dino-train-%j.log" in text
+
+
+def test_signal_only_for_jobs_that_save_on_it():
+    assert "#SBATCH --signal=USR1@300" in render(CASES["train_cpu_2tasks"])
+    for case in ("knn_1x4_gpu", "linear_custom"):  # eval.knn / eval.linear do not handle SIGUSR1: it would kill them
+        text = render(CASES[case])
+        assert "#SBATCH --signal" not in text and "#SBATCH --requeue" in text
+        assert "does not handle SIGUSR1" in text
+    mod = render(["--module", "my_job.py", "--signal-grace", "60", "--", "--output_dir", "/o"])
+    assert "#SBATCH --signal=USR1@60" in mod
+
+
+def test_eval_jobs_backend_flags():
+    knn = render(["--job", "knn", "--gpus-per-node", "0", "--", "--output_dir", "/o"])
+    assert "-m eval.knn" in knn and "--dist_backend gloo" in knn
+    knn2 = render(["--job", "knn", "--gpus-per-node", "0", "--", "--output_dir", "/o", "--backend", "gloo"])
+    assert "--dist_backend" not in knn2  # SimPool's --backend gloo already names the process-group backend
+    lin = render(["--job", "linear", "--gpus-per-node", "0", "--", "--output_dir", "/o"])
+    assert "-m eval.linear" in lin and "--backend gloo" in lin
+    own = render(["--gpus-per-node", "0", "--", "--output_dir", "/o", "--backend", "gloo"])
+    assert own.count("--backend") == 1
+
+
+def test_module_override_py_file():
+    text = render(["--gpus-per-node", "0", "--module", "tests/slurm_jobs/standin.py", "--", "--output_dir", "/o"])
+    assert f"{PY} -u {CWD}/tests/slurm_jobs/standin.py" in text
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--gpus-per-node", "8", "--ntasks-per-node", "2", "--"], "one task per GPU"),
+    (["--time", "two days", "--"], "not a Slurm time"),
+    (["--nodes", "0", "--"], "--nodes must be >= 1"),
+    (["--gpus-per-node", "-1", "--"], "--gpus-per-node must be >= 0"),
+    (["--signal-grace", "0", "--"], "--signal-grace"),
+    (["--max-requeues", "-1", "--"], "--max-requeues"),
+    (["--job-name", "my job", "--"], "--job-name"),
+    (["--mail-type", "END", "--"], "--mail-user"),
+    (["--mail-type", "SOMETIMES", "--mail-user", "a@b", "--"], "unknown SOMETIMES"),
+    (["--output_dir", "/a", "--", "--output_dir", "/b"], "given twice"),
+])
+def test_bad_options_exit_2(argv, msg, capsys):
+    assert L.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_launcher_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        L.main(["--partitoin", "gpu", "--", "--arch", "vit_small"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("t", ["30", "30:00", "12:00:00", "2-00", "2-12:00", "2-00:00:00", "UNLIMITED"])
+def test_time_formats_accepted(t):
+    assert f"--time={t}" in render(["--time", t, "--", "--output_dir", "/o"])
+
+
+def test_dry_run_prints_script_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))  # no sbatch: a dry run must not need it
+    assert L.main(["--dry-run"] + CASES["train_cpu_2tasks"]) == 0
+    out = capsys.readouterr().out
+    # normalise the machine-specific paths, then it is the golden file
+    normalised = out.replace(sys.executable, PY).replace(str(tmp_path), CWD)
+    assert normalised == (GOLDEN / "train_cpu_2tasks.sbatch").read_text()
+    assert not (tmp_path / "runs").exists()
+
+
+def _fake_bin(d: Path, name: str, body: str) -> None:
+    d.mkdir(exist_ok=True)
+    f = d / name
+    f.write_text("#!/bin/bash\n" + body)
+    f.chmod(f.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def test_submit_with_fake_sbatch(tmp_path, capsys, monkeypatch):
+    bin_ = tmp_path / "bin"
+    _fake_bin(bin_, "sbatch", 'echo "$@" > "$(dirname "$0")/args"; echo "4242;cluster"\n')
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    assert L.main(["--gpus-per-node", "0", "--ntasks-per-node", "2", "--", "--output_dir", "out"]) == 0
+    out = capsys.readouterr().out
+    script = tmp_path / "out" / "slurm" / "dino-train.sbatch"
+    assert "submitted job 4242" in out and str(script) in out
+    assert str(tmp_path / "out" / "slurm" / "dino-train-4242.log") in out
+    assert script.exists() and os.access(script, os.X_OK)
+    assert (bin_ / "args").read_text().split() == ["--parsable", str(script)]
+
+
+def test_sbatch_refusal_is_reported_with_its_message(tmp_path, capsys, monkeypatch):
+    bin_ = tmp_path / "bin"
+    _fake_bin(bin_, "sbatch", 'echo "sbatch: error: invalid partition specified: nope" >&2\n'
+                              'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\n'
+                              "exit 1\n")
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    assert L.main(["--partition", "nope", "--", "--output_dir", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid partition name specified" in err and "invalid partition specified: nope" in err
+
+
+def test_no_sbatch_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert L.main(["--", "--output_dir", "out"]) == 2
+    assert "sbatch not found" in capsys.readouterr().err
+
+
+def test_python_m_launch_slurm_help():
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and "--gpus-per-node" in proc.stdout and "--max-requeues" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The script's requeue bookkeeping, run by bash with fake srun / scontrol (the real thing: tests/test_slurm_real.py)
+
+
+def _run_script(tmp_path: Path, srun_rc: int, state: str = "RUNNING", max_requeues: int = 2, prior: int | None = None):
+    out = tmp_path / "out"
+    spec = L.spec_from_args(["--gpus-per-node", "0", "--ntasks-per-node", "2", "--max-requeues", str(max_requeues),
+                             "--", "--output_dir", str(out)], cwd=str(tmp_path), python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_ = tmp_path / "bin"
+    calls = tmp_path / "calls"
+    _fake_bin(bin_, "srun", f'echo "srun $*" >> {calls}; exit {srun_rc}\n')
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $*" >> {calls}\n'
+                                f'case "$1 $2" in "show hostnames") echo node01; echo node02;;\n'
+                                f'"show job") echo "JobId=77 JobName=x JobState={state} Reason=None";; esac\n')
+    (out / "slurm").mkdir(parents=True)
+    if prior is not None:
+        (out / "slurm" / "dino-train-77.requeues").write_text(f"{prior}\n")
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[01-02]",
+           "SLURM_NTASKS": "2", "RANK": "5", "MASTER_PORT": "1"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    count_file = out / "slurm" / "dino-train-77.requeues"
+    count = int(count_file.read_text()) if count_file.exists() else None
+    return proc, (calls.read_text() if calls.exists() else ""), count
+
+
+def test_script_requeues_on_75(tmp_path):
+    proc, calls, count = _run_script(tmp_path, 75)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scontrol requeue 77" in calls and count == 1
+    assert "requeue 1/2" in proc.stdout
+    assert "show hostnames node[01-02]" in calls
+
+
+def test_script_stops_at_max_requeues(tmp_path):
+    proc, calls, count = _run_script(tmp_path, 75, max_requeues=2, prior=2)
+    assert proc.returncode == 75
+    assert "scontrol requeue" not in calls and count == 2
+    assert "requeue limit is reached (2/2)" in proc.stdout
+
+
+@pytest.mark.parametrize("rc", [0, 1, 3, 138])
+def test_script_passes_other_exit_codes_through(tmp_path, rc):
+    proc, calls, count = _run_script(tmp_path, rc)
+    assert proc.returncode == rc
+    assert "scontrol requeue" not in calls and count is None
+
+
+def test_script_does_not_requeue_a_cancelled_job(tmp_path):
+    proc, calls, count = _run_script(tmp_path, 75, state="COMPLETING")
+    assert proc.returncode == 75 and "scontrol requeue" not in calls
+    assert "job is COMPLETING (cancelled, timed out or preempted): not requeueing" in proc.stdout
+
+
+def test_script_clears_torchrun_vars_and_sets_master(tmp_path):
+    out = tmp_path / "envdump"
+    spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path),
+                            python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_ = tmp_path / "bin"
+    _fake_bin(bin_, "srun", f'env > {out}; exit 0\n')
+    _fake_bin(bin_, "scontrol", 'echo node07; echo node08\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node[07-08]",
+           "SLURM_NTASKS": "2", "RANK": "3", "WORLD_SIZE": "4", "MASTER_PORT": "1234", "LOCAL_RANK": "1"}
+    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode == 0
+    dumped = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert dumped["MASTER_ADDR"] == "node07"
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"} & set(dumped)
+    assert dumped["PYTHONUNBUFFERED"] == "1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dino_simpool.distributed: what every srun task reads
+
+def _srun_task_env(**over):
+    """What srun gives task 5 of a 2-node x 4-task step (measured on Slurm 22.05, trimmed)."""
+    env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[01-03,07]", "SLURM_NODELIST": "node[01-03,07]",
+           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NODELIST": "node[01-03,07]",
+           "SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+    env.update(over)
+    return env
+
+
+@pytest.mark.parametrize("hostlist, hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("localhost", ["localhost"]),
+    ("gpu5,node[1-2]", ["gpu5", "node1", "node2"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+    ("rack[1-2]-n[01,03]", ["rack1-n01", "rack1-n03", "rack2-n01", "rack2-n03"]),
+    ("a[1-2],b,c[5]", ["a1", "a2", "b", "c5"]),
+    ("node-[001-002].cluster", ["node-001.cluster", "node-002.cluster"]),
+])
+def test_expand_hostlist(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["node[01-03", "node]1[", "n[5-2]"])
+def test_expand_hostlist_rejects_bad(bad):
+    with pytest.raises(ValueError):
+        expand_hostlist(bad)
+
+
+def test_detect_slurm_task_multi_node():
+    env = detect_env(_srun_task_env())
+    assert (env.source, env.rank, env.world_size, env.local_rank) == ("slurm", 5, 16, 1)
+    assert env.master_addr == "node01"
+    assert env.master_port == port_from_job_id(123456)
+
+
+def test_detect_prefers_step_values():
+    # srun -n 4 inside a 16-task allocation: the step's own count and first node win
+    env = detect_env(_srun_task_env(SLURM_STEP_NUM_TASKS="4", SLURM_STEP_NODELIST="node[02-03]", SLURM_PROCID="3"))
+    assert (env.world_size, env.master_addr, env.rank) == (4, "node02", 3)
+
+
+def test_detect_master_addr_from_env_wins():
+    env = detect_env(_srun_task_env(MASTER_ADDR="10.0.0.5"))
+    assert env.master_addr == "10.0.0.5" and env.source == "slurm"
+
+
+def test_detect_batch_shell_is_single_process():
+    # what the sbatch batch shell sees (measured): SLURM_PROCID=0 and SLURM_NTASKS, but no step variables
+    env = detect_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                      "SLURM_JOB_NODELIST": "localhost", "SLURM_NODELIST": "localhost"})
+    assert env.source == "single" and env.world_size == 1
+
+
+def test_detect_torchrun_wins_inside_allocation():
+    env = detect_env(_srun_task_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                                    MASTER_PORT="29400"))
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.master_port) == ("torchrun", 1, 2, 1, 29400)
+
+
+def test_detect_partial_torchrun_is_an_error():
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        detect_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "1"})
+
+
+def test_detect_nothing_is_single():
+    assert detect_env({}).source == "single" and detect_env({}).world_size == 1
+
+
+def test_detect_bad_integer_names_variable():
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        detect_env(_srun_task_env(SLURM_PROCID="x"))
+
+
+def test_port_from_job_id():
+    ports = [port_from_job_id(j) for j in range(100000, 100050)]
+    assert len(set(ports)) == 50  # consecutive jobs on one node do not collide
+    assert all(PORT_BASE <= p < PORT_BASE + PORT_SPAN for p in ports)
+    assert port_from_job_id("123456") == port_from_job_id(123456) == PORT_BASE + 123456 % PORT_SPAN
+    assert port_from_job_id(PORT_SPAN + 7) == port_from_job_id(7)  # wraps, stays in range
+    assert port_from_job_id(0) == PORT_BASE
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real-Slurm harness decides to skip only when it cannot run Slurm at all
+
+
+def test_harness_skips_without_root(monkeypatch):
+    import slurm_cluster as sc
+    monkeypatch.setattr(sc.os, "geteuid", lambda: 1000)
+    with pytest.raises(sc.SlurmUnavailable, match="root"):
+        sc.SlurmCluster().start()
+
+
+def test_harness_skips_when_slurm_missing_and_no_apt(monkeypatch):
+    import slurm_cluster as sc
+    monkeypatch.setattr(sc, "_which", lambda name: None)
+    monkeypatch.setattr(sc.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sc.shutil, "which", lambda name: None)
+    with pytest.raises(sc.SlurmUnavailable, match="no apt-get"):
+        sc.ensure_installed()
+    monkeypatch.setattr(sc.os, "geteuid", lambda: 1000)
+    with pytest.raises(sc.SlurmUnavailable, match="needs root"):
+        sc.ensure_installed()
