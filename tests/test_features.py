@@ -1,0 +1,103 @@
+"""Feature extraction (eval/features.py): order, 2-rank gloo sharding == one rank, dump/load round-trip."""
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from eval.features import extract_features, load_features, save_features
+
+N, D_IN = 11, 6  # odd size: a 2-rank DistributedSampler pads one duplicate
+
+
+class TinyData(torch.utils.data.Dataset):
+    def __init__(self, n=N):
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(n, D_IN, generator=g)
+        self.y = torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, 5), nn.Tanh())
+
+
+def test_single_process_matches_direct_forward():
+    ds, model = TinyData(), tiny_model()
+    model.train()
+    feats, labels = extract_features(model, ds, batch_size=4, num_workers=0)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        expect = model(ds.x)
+    assert feats.dtype == torch.float32 and labels.dtype == torch.int64
+    torch.testing.assert_close(feats, expect)
+    assert labels.tolist() == ds.y.tolist()
+
+
+def test_empty_dataset_raises():
+    with pytest.raises(ValueError, match="empty"):
+        extract_features(tiny_model(), TinyData(0), num_workers=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        feats, labels = extract_features(tiny_model(), TinyData(), batch_size=2, num_workers=0, desc="test",
+                                        gather_chunk=2)  # several gather rounds
+        torch.save({"feats": feats, "labels": labels}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_gloo_equals_single_rank(tmp_path):
+    single_f, single_l = extract_features(tiny_model(), TinyData(), batch_size=3, num_workers=0)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["feats"].shape == (N, 5)  # the padded duplicate is gone
+        torch.testing.assert_close(got["feats"], single_f)  # same rows, same order, on every rank
+        assert got["labels"].tolist() == single_l.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npy"])
+def test_dump_load_round_trip(tmp_path, fmt):
+    g = torch.Generator().manual_seed(0)
+    tf, tl = torch.randn(9, 4, generator=g), torch.arange(9) % 3
+    sf, sl = torch.randn(5, 4, generator=g), torch.tensor([0, 2, 2, 1, 0])
+    save_features(tmp_path, tf, tl, sf, sl, ["a", "b", "c"], fmt=fmt)
+    b = load_features(tmp_path)
+    for k, v in [("train_feats", tf), ("train_labels", tl), ("test_feats", sf), ("test_labels", sl)]:
+        assert torch.equal(b[k], v), k
+    assert b["classes"] == ["a", "b", "c"]
+
+
+def test_load_dino_style_npy_names_and_errors(tmp_path):
+    np.save(tmp_path / "trainfeat.npy", np.ones((3, 2), np.float32))
+    np.save(tmp_path / "trainlabels.npy", np.array([0, 1, 1]))
+    np.save(tmp_path / "testfeat.npy", np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match="testlabels.npy"):
+        load_features(tmp_path)
+    np.save(tmp_path / "testlabels.npy", np.array([1]))
+    b = load_features(tmp_path)
+    assert b["train_feats"].shape == (3, 2) and b["classes"] is None
+    (tmp_path / "features.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_features(tmp_path)
