@@ -84,3 +84,116 @@ def corloc(pred_boxes, gt_boxes, iou_threshold: float = 0.5) -> float:
         gt = check_gt_boxes(g, f"image {i}")
         hits += int(box_iou(np.asarray(p, dtype=np.float64)[None], gt).max() >= iou_threshold)
     return 100.0 * hits / len(pred_boxes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line: python -m eval.discovery
+# ----------------------------------------------------------------------------------------------------------------------
+METHODS = ("attention", "lost")
+
+
+def predict_boxes(model, samples, method: str = "attention", image_size=None, batch_size: int = 32,
+                  mass: float = 0.6, k_patches: int = 100, map_kind: str = "auto") -> list:
+    """One box per sample (in its original image's pixels): ``attention`` = largest connected component of the
+    cumulative-mass-thresholded map; ``lost`` = LOST on the last block's patch keys (ViT) / last map (CNN)."""
+    from eval.locdata import as_numpy, iterate
+    from eval.maps import attention_map, patch_features, resolve_map_kind
+
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}; got {method!r}")
+    if method == "attention":
+        map_kind = resolve_map_kind(model, map_kind)
+    boxes = []
+    for x, meta in iterate(model, samples, image_size, batch_size):
+        if method == "attention":
+            maps = as_numpy(attention_map(model, x, map_kind))
+            boxes += [attention_box(m, size, mass) for m, (_, size) in zip(maps, meta)]
+        else:
+            feats, grid = patch_features(model, x)
+            feats = as_numpy(feats)
+            boxes += [lost_box(f, grid, size, k_patches)[0] for f, (_, size) in zip(feats, meta)]
+    return boxes
+
+
+def evaluate_model(model, samples, method: str = "attention", **kw) -> dict:
+    pred = predict_boxes(model, samples, method, **kw)
+    return {"corloc": corloc(pred, [s.boxes for s in samples]), "method": method, "num_images": len(samples)}
+
+
+def build_parser():
+    import argparse
+
+    from eval.maps import MAP_CHOICES, add_model_args
+
+    p = argparse.ArgumentParser("python -m eval.discovery",
+                                description="Single-object discovery, CorLoc (LOST protocol) with attention or LOST "
+                                            "boxes. Default data: the embedded dataset's val split and its boxes.")
+    add_model_args(p)
+    p.add_argument("--method", default="attention", choices=list(METHODS))
+    p.add_argument("--data_path", default=None,
+                   help="VOC-style folder (Annotations/*.xml + JPEGImages/), or an image folder with --boxes/--annotations")
+    p.add_argument("--annotations", default=None, help="folder of VOC XML files (images in --data_path)")
+    p.add_argument("--boxes", default=None, help="JSON boxes file {relpath: [[x0,y0,x1,y1]...]} for --data_path")
+    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
+    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
+    p.add_argument("--image_size", default=None, type=int,
+                   help="resize images to this square size for the model (default: own size, rounded to the patch)")
+    p.add_argument("--threshold", default=0.6, type=float, help="attention: cumulative mass kept (DINO's 0.6)")
+    p.add_argument("--k_patches", default=100, type=int, help="LOST: candidate patches for the seed expansion")
+    p.add_argument("--map", default="auto", choices=list(MAP_CHOICES), help="attention: which map (see eval.localization)")
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
+    p.add_argument("--output_dir", default=None, help="write discovery_results.json here")
+    return p
+
+
+def load_samples(args) -> list:
+    from eval import locdata
+
+    if args.data_path is None:
+        if args.boxes or args.annotations:
+            raise ValueError("--boxes/--annotations need --data_path (the images they refer to)")
+        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class)
+    elif args.boxes:
+        samples = locdata.folder_json_samples(args.data_path, args.boxes)
+    else:
+        samples = locdata.voc_samples(args.data_path, args.annotations)
+    return locdata.check_samples(samples, args.subset)
+
+
+def main(argv=None) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from dino_simpool.checkpoint import CheckpointError
+    from eval.maps import build_model
+
+    args = build_parser().parse_args(argv)
+    try:
+        if not 0 < args.threshold <= 1:
+            raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {args.threshold}")
+        if args.k_patches < 1:
+            raise ValueError(f"--k_patches must be >= 1; got {args.k_patches}")
+        samples = load_samples(args)
+        model = build_model(args)
+        res = evaluate_model(model, samples, args.method, image_size=args.image_size, batch_size=args.batch_size,
+                             mass=args.threshold, k_patches=args.k_patches, map_kind=args.map)
+    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"eval.discovery: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)", model=args.pretrained_weights or "random init",
+               arch=model.config["arch"], pooling=model.config["pooling"])
+    print(f"CorLoc ({args.method}) {res['corloc']:.2f} on {res['num_images']} images "
+          f"[{res['arch']}/{res['pooling']}, {res['data']}]")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "discovery_results.json").write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -98,3 +98,113 @@ def max_box_acc_v2(maps, gt_boxes, image_sizes, thresholds=DEFAULT_THRESHOLDS, i
     for i, (m, b, s) in enumerate(zip(maps, gt_boxes, image_sizes)):
         metric.add(m, b, s, name=f"image {i}")
     return metric.compute()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line: python -m eval.localization
+# ----------------------------------------------------------------------------------------------------------------------
+def evaluate_model(model, samples, image_size=None, batch_size=32, map_kind="auto",
+                   thresholds=DEFAULT_THRESHOLDS, iou_thresholds=DEFAULT_IOUS) -> dict:
+    """MaxBoxAccV2 of ``model``'s attention maps over ``samples`` (:class:`eval.locdata.BoxSample`); each map is
+    upsampled to its image's original size, where the ground-truth boxes live."""
+    from eval.locdata import as_numpy, iterate
+    from eval.maps import attention_map, resolve_map_kind
+
+    map_kind = resolve_map_kind(model, map_kind)
+    metric = MaxBoxAccV2(tuple(thresholds), tuple(iou_thresholds))
+    for x, meta in iterate(model, samples, image_size, batch_size):
+        maps = as_numpy(attention_map(model, x, map_kind))
+        for m, (s, size) in zip(maps, meta):
+            metric.add(m, s.boxes, size, name=s.name)
+    out = metric.compute()
+    out["map"] = map_kind
+    return out
+
+
+def format_result(res: dict, title: str = "") -> str:
+    ious = "  ".join(f"IoU {d:g}: {v:6.2f} (tau {res['best_threshold'][d]:.2f})" for d, v in res["per_iou"].items())
+    head = f"{title}: " if title else ""
+    return f"{head}MaxBoxAccV2 {res['maxboxaccv2']:.2f} on {res['num_images']} images ({res['map']} map) | {ious}"
+
+
+def build_parser():
+    import argparse
+
+    from eval.maps import MAP_CHOICES, add_model_args
+
+    p = argparse.ArgumentParser("python -m eval.localization",
+                                description="MaxBoxAccV2 (Choe et al., CVPR 2020) of a backbone's attention maps. "
+                                            "Default data: the embedded dataset's val split and its boxes.")
+    add_model_args(p)
+    p.add_argument("--data_path", default=None, help="image folder (an ImageFolder split or CUB's images/)")
+    p.add_argument("--boxes", default=None, help="boxes file: JSON {relpath: [[x0,y0,x1,y1]...]} or CUB bounding_boxes.txt")
+    p.add_argument("--boxes_format", default="auto", choices=["auto", "json", "cub"], help="auto: by suffix (.json / .txt)")
+    p.add_argument("--images_txt", default=None, help="CUB images.txt (default: beside the boxes file)")
+    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
+    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
+    p.add_argument("--image_size", default=None, type=int,
+                   help="resize images to this square size for the model (default: own size, rounded to the patch)")
+    p.add_argument("--map", default="auto", choices=list(MAP_CHOICES),
+                   help="auto: the pooling's map (SimPool), or the last block's [CLS] attention head mean (cls)")
+    p.add_argument("--threshold_step", default=0.01, type=float, help="spacing of the map thresholds in [0, 1)")
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
+    p.add_argument("--output_dir", default=None, help="write localization_results.json here")
+    return p
+
+
+def load_samples(args) -> list:
+    from pathlib import Path
+
+    from eval import locdata
+
+    if args.data_path is None:
+        if args.boxes:
+            raise ValueError("--boxes needs --data_path (the images the boxes refer to)")
+        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class)
+    else:
+        if not args.boxes:
+            raise ValueError("--data_path needs --boxes (a JSON or CUB bounding_boxes.txt file)")
+        fmt = args.boxes_format
+        if fmt == "auto":
+            fmt = "json" if Path(args.boxes).suffix.lower() == ".json" else "cub"
+        if fmt == "json":
+            samples = locdata.folder_json_samples(args.data_path, args.boxes)
+        else:
+            samples = locdata.cub_samples(args.data_path, args.boxes, args.images_txt)
+    return locdata.check_samples(samples, args.subset)
+
+
+def main(argv=None) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from dino_simpool.checkpoint import CheckpointError
+    from eval.maps import build_model
+
+    args = build_parser().parse_args(argv)
+    try:
+        if not 0 < args.threshold_step < 1:
+            raise ValueError(f"--threshold_step must be in (0, 1); got {args.threshold_step}")
+        thresholds = tuple(np.round(np.arange(0.0, 1.0, args.threshold_step), 6).tolist())
+        samples = load_samples(args)
+        model = build_model(args)
+        res = evaluate_model(model, samples, args.image_size, args.batch_size, args.map, thresholds)
+    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"eval.localization: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)", model=args.pretrained_weights or "random init",
+               arch=model.config["arch"], pooling=model.config["pooling"])
+    print(format_result(res))
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "localization_results.json").write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

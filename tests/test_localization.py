@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,140 @@ def test_box_file_formats(tmp_path):
         "<xmax>7</xmax><ymax>8</ymax></bndbox></object></annotation>"
     )
     assert load_boxes_voc(ann) == {"000001.jpg": [[0.0, 0.0, 10.0, 20.0], [4.0, 5.0, 7.0, 8.0]]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command lines on a tiny model and a tiny exported dataset
+# ----------------------------------------------------------------------------------------------------------------------
+TINY_VIT = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny exported SimPool ViT and the embedded val split (1 image per class, 32 px) in three layouts:
+    ImageFolder + boxes.json, CUB files, VOC folder."""
+    import shutil
+
+    import torch
+
+    from dino_simpool.data import SyntheticShapes
+    from dino_simpool.export import export_backbone
+    from dino_simpool.models.backbones import build_backbone
+
+    root = tmp_path_factory.mktemp("loc")
+    torch.manual_seed(0)
+    for pooling in ("simpool", "cls"):
+        export_backbone(build_backbone("vit_tiny", pooling=pooling, **TINY_VIT), root / f"exp_{pooling}")
+    ds = SyntheticShapes("val", image_size=32, images_per_class=1)
+    ds.export_imagefolder(root / "data")
+    boxes = json.loads((root / "data" / "boxes.json").read_text())
+    rels = sorted(k[len("val/"):] for k in boxes)
+    cub = root / "cub"
+    cub.mkdir()
+    (cub / "images.txt").write_text("".join(f"{i + 1} {r}\n" for i, r in enumerate(rels)))
+    (cub / "bounding_boxes.txt").write_text("".join(
+        f"{i + 1} {b[0]} {b[1]} {b[2] - b[0]} {b[3] - b[1]}\n" for i, r in enumerate(rels) for b in boxes[f"val/{r}"]))
+    voc = root / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for r in rels:
+        name = r.replace("/", "_")
+        shutil.copy(root / "data" / "val" / r, voc / "JPEGImages" / name)
+        objs = "".join(f"<object><bndbox><xmin>{b[0] + 1}</xmin><ymin>{b[1] + 1}</ymin><xmax>{b[2]}</xmax>"
+                       f"<ymax>{b[3]}</ymax></bndbox></object>" for b in boxes[f"val/{r}"])
+        (voc / "Annotations" / f"{Path(name).stem}.xml").write_text(
+            f"<annotation><filename>{name}</filename>{objs}</annotation>")
+    return root
+
+
+def _result(out_dir, name):
+    return json.loads((out_dir / name).read_text())
+
+
+def test_localization_cli_same_score_from_embedded_json_and_cub(tiny_setup, tmp_path):
+    from eval.localization import main
+
+    r = tiny_setup
+    common = ["--pretrained_weights", str(r / "exp_simpool"), "--device", "cpu"]
+    assert main(common + ["--synthetic_size", "32", "--synthetic_per_class", "1", "--output_dir", str(tmp_path / "a")]) == 0
+    assert main(common + ["--data_path", str(r / "data" / "val"), "--boxes", str(r / "data" / "boxes.json"),
+                          "--output_dir", str(tmp_path / "b")]) == 0
+    assert main(common + ["--data_path", str(r / "data" / "val"), "--boxes", str(r / "cub" / "bounding_boxes.txt"),
+                          "--output_dir", str(tmp_path / "c")]) == 0
+    a, b, c = (_result(tmp_path / d, "localization_results.json") for d in "abc")
+    assert a["num_images"] == b["num_images"] == c["num_images"] == 10
+    assert a["map"] == "pool" and 0.0 <= a["maxboxaccv2"] <= 100.0
+    assert a["maxboxaccv2"] == b["maxboxaccv2"] == c["maxboxaccv2"]
+    assert a["per_iou"] == b["per_iou"] == c["per_iou"]
+
+
+def test_localization_cli_matches_library_on_model_maps(tiny_setup, capsys):
+    import torch
+
+    from dino_simpool.data import SyntheticShapes
+    from dino_simpool.export import load_exported
+    from eval.localization import main
+    from eval.maps import to_tensor
+
+    model = load_exported(tiny_setup / "exp_cls")
+    ds = SyntheticShapes("val", image_size=32, images_per_class=1)
+    with torch.no_grad():
+        maps = [model.attention_maps(to_tensor(ds.image(i), (32, 32))[None])["heads"][0].mean(0).numpy() for i in range(4)]
+    ref = max_box_acc_v2(maps, ds.boxes[:4], [(32, 32)] * 4)
+    assert main(["--pretrained_weights", str(tiny_setup / "exp_cls"), "--synthetic_size", "32",
+                 "--synthetic_per_class", "1", "--subset", "4", "--device", "cpu"]) == 0
+    assert f"MaxBoxAccV2 {ref['maxboxaccv2']:.2f} on 4 images (heads_mean map)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["attention", "lost"])
+def test_discovery_cli_same_corloc_from_embedded_json_and_voc(tiny_setup, tmp_path, method):
+    from eval.discovery import main
+
+    r = tiny_setup
+    common = ["--pretrained_weights", str(r / "exp_simpool"), "--method", method, "--device", "cpu"]
+    assert main(common + ["--synthetic_size", "32", "--synthetic_per_class", "1", "--output_dir", str(tmp_path / "a")]) == 0
+    assert main(common + ["--data_path", str(r / "data" / "val"), "--boxes", str(r / "data" / "boxes.json"),
+                          "--output_dir", str(tmp_path / "b")]) == 0
+    assert main(common + ["--data_path", str(r / "voc"), "--output_dir", str(tmp_path / "c")]) == 0
+    a, b, c = (_result(tmp_path / d, "discovery_results.json") for d in "abc")
+    assert a["num_images"] == b["num_images"] == c["num_images"] == 10
+    assert a["corloc"] == b["corloc"] == c["corloc"] and a["method"] == method
+
+
+def test_lost_features_are_the_last_blocks_patch_keys(tiny_setup):
+    import torch
+
+    from dino_simpool.export import load_exported
+    from eval.maps import patch_features
+
+    for pooling, prefix in (("simpool", 0), ("cls", 1)):
+        model = load_exported(tiny_setup / f"exp_{pooling}")
+        x = torch.randn(2, 3, 32, 48)
+        keys, grid = patch_features(model, x)
+        assert grid == (4, 6) and keys.shape == (2, 24, 32)
+        with torch.no_grad():
+            t = model._blocks(x, 2)[0]  # input of the last block
+            last = model.encoder.blocks[-1]
+            ref = last.attn.qkv(last.norm1(t))[:, prefix:, 32:64]
+        torch.testing.assert_close(keys, ref)
+
+
+def test_metric_clis_clear_errors(tiny_setup, tmp_path, capsys):
+    from eval import discovery, localization
+
+    r = tiny_setup
+    w = ["--pretrained_weights", str(r / "exp_simpool")]
+    assert localization.main(w + ["--data_path", str(r / "data" / "val")]) == 2
+    assert "needs --boxes" in capsys.readouterr().err
+    (tmp_path / "partial.json").write_text(json.dumps({"circle/00000.png": [[1, 1, 5, 5]]}))
+    assert localization.main(w + ["--data_path", str(r / "data" / "val"), "--boxes", str(tmp_path / "partial.json")]) == 2
+    assert "have no entry" in capsys.readouterr().err
+    boxes = json.loads((r / "data" / "boxes.json").read_text())
+    boxes["val/circle/00000.png"] = []
+    (tmp_path / "empty.json").write_text(json.dumps(boxes))
+    assert discovery.main(w + ["--data_path", str(r / "data" / "val"), "--boxes", str(tmp_path / "empty.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no ground-truth box" in err and len(err.strip().splitlines()) == 1
+    assert discovery.main(w + ["--data_path", str(r / "data")]) == 2
+    assert "not a VOC folder" in capsys.readouterr().err
+    assert localization.main(["--pretrained_weights", str(tmp_path / "missing.pth")]) == 2

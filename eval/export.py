@@ -1,0 +1,81 @@
+"""``dino-simpool-export``: turn a training checkpoint into a backbone that timm, torch.hub and this project load.
+
+    dino-simpool-export --checkpoint out/checkpoint.pth --output_dir export/ [--key teacher|student]
+
+writes ``export/backbone.safetensors``, ``export/backbone.pth`` (a plain state dict) and ``export/config.json``.
+See :mod:`dino_simpool.export` for the key layouts and the timm correspondence.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _gamma(s: str):
+    v = str(s)
+    if v.lower() in ("none", "default"):
+        return None if v.lower() == "none" else "default"
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gamma must be a number, 'None' or 'default'; got {s!r}") from None
+
+
+_UNSET = object()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "dino-simpool-export",
+        description="Export the teacher (or student) backbone of a training checkpoint: backbone.safetensors, "
+                    "backbone.pth and config.json. cls/gap backbones use timm's key names.",
+    )
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pth) or its output folder")
+    p.add_argument("--output_dir", required=True, help="folder to write the export into")
+    p.add_argument("--key", "--checkpoint_key", dest="key", default="teacher",
+                   help="which network of the checkpoint: teacher (default) or student")
+    p.add_argument("--arch", default=None, help="override the arch stored in the checkpoint (foreign checkpoints)")
+    p.add_argument("--pooling", default=None, help="override the pooling stored in the checkpoint")
+    p.add_argument("--gamma", default=_UNSET, type=_gamma, help="override SimPool's gamma")
+    p.add_argument("--patch_size", default=None, type=int)
+    p.add_argument("--depth", default=None, type=int)
+    p.add_argument("--embed_dim", default=None, type=int)
+    p.add_argument("--num_heads", default=None, type=int)
+    p.add_argument("--img_size", default=None, type=int)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dino_simpool.checkpoint import CheckpointError
+    from dino_simpool.export import export_checkpoint
+
+    overrides = {k: getattr(args, k) for k in ("arch", "pooling", "patch_size", "depth", "embed_dim", "num_heads",
+                                               "img_size") if getattr(args, k) is not None}
+    if args.gamma is not _UNSET:
+        overrides["gamma"] = args.gamma
+    try:
+        meta = export_checkpoint(args.checkpoint, args.output_dir, checkpoint_key=args.key, **overrides)
+    except (CheckpointError, ValueError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"dino-simpool-export: error: {msg}", file=sys.stderr)
+        return 2
+    spec = meta["timm"]
+    kw = "".join(f", {k}={v!r}" for k, v in spec["kwargs"].items())
+    print(f"exported {meta['arch']}/{meta['pooling']} ({meta['source'].get('checkpoint_key') or args.key}, "
+          f"{meta['num_params']:,} parameters, layout {meta['layout']}) to {args.output_dir}")
+    print(f"  load here:  dino_simpool.export.load_exported({args.output_dir!r})")
+    if spec["complete"]:
+        print(f"  load in timm: timm.create_model({spec['model_name']!r}, pretrained=True, num_classes=0{kw}, "
+              f"pretrained_cfg_overlay=dict(file='{args.output_dir}/backbone.safetensors'))")
+    else:
+        print(f"  timm equivalent: timm.create_model({spec['model_name']!r}, num_classes=0{kw}) for encoder.*; "
+              f"{spec['note']}")
+    print(f"  training config sha256: {meta['training_config_sha256']}")
+    print(json.dumps({"files": meta["files"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Images with ground-truth boxes for MaxBoxAccV2 and CorLoc, and running a model over them.
+
+Sources (boxes are ``[x0, y0, x1, y1]`` pixels of the original image, x1/y1 exclusive, see :mod:`eval.boxes`):
+
+* the embedded dataset (default): ``SyntheticShapes(split)`` with its ``.boxes``;
+* an image folder + a JSON file ``{"relative/path.png": [[x0, y0, x1, y1], ...]}``: every image under the folder is
+  evaluated; its key is its path relative to the folder, or that path prefixed with the folder's name (so the
+  ``boxes.json`` that ``SyntheticShapes.export_imagefolder(root)`` writes at ``root`` works with ``root/val``);
+* CUB-200-2011: ``bounding_boxes.txt`` + ``images.txt`` (the folder is ``CUB_200_2011/images``); with
+  ``train_test_split.txt`` beside them only the test images are used;
+* VOC: a folder with ``Annotations/*.xml`` and ``JPEGImages/`` (or ``--annotations DIR`` and the image folder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.boxes import check_gt_boxes, load_boxes_cub, load_boxes_json, load_boxes_voc
+from eval.maps import IMG_SUFFIXES, input_multiple, model_device, model_input_size, to_tensor
+
+
+@dataclass
+class BoxSample:
+    name: str
+    boxes: list
+    load: Callable[[], Image.Image]
+
+
+def _data_error(msg: str) -> Exception:
+    from dino_simpool.data import DataError
+
+    return DataError(msg)
+
+
+def _open(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    return load
+
+
+def embedded_samples(split: str = "val", image_size: int = 64, per_class: int | None = None) -> list[BoxSample]:
+    from dino_simpool.data import SyntheticShapes
+
+    ds = SyntheticShapes(split, image_size=image_size, images_per_class=per_class)
+    per = ds.images_per_class
+    return [BoxSample(f"{split}/{ds.classes[i // per]}/{i % per:05d}.png", [list(b) for b in ds.boxes[i]],
+                      (lambda i=i: ds.image(i))) for i in range(len(ds))]
+
+
+def folder_json_samples(data_path, boxes_file) -> list[BoxSample]:
+    root = Path(data_path)
+    if not root.is_dir():
+        raise _data_error(f"--data_path {root} is not a folder")
+    try:
+        boxes = load_boxes_json(boxes_file)
+    except FileNotFoundError as e:
+        raise _data_error(str(e)) from None
+    images = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+    if not images:
+        raise _data_error(f"--data_path {root} has no images")
+    out, missing = [], []
+    for f in images:
+        rel = f.relative_to(root).as_posix()
+        key = rel if rel in boxes else f"{root.name}/{rel}"
+        if key not in boxes:
+            missing.append(rel)
+            continue
+        out.append(BoxSample(key, boxes[key], _open(f)))
+    if missing:
+        raise _data_error(f"{len(missing)} image(s) under {root} have no entry in {boxes_file} (first: {missing[0]}); "
+                          f"keys are paths relative to --data_path (or prefixed with its folder name)")
+    return out
+
+
+def cub_samples(data_path, boxes_file, images_txt=None) -> list[BoxSample]:
+    root = Path(data_path)
+    boxes_file = Path(boxes_file)
+    images_txt = Path(images_txt) if images_txt else boxes_file.parent / "images.txt"
+    if not images_txt.is_file():
+        raise _data_error(f"CUB boxes need images.txt: {images_txt} is missing (pass --images_txt)")
+    boxes = load_boxes_cub(boxes_file, images_txt)
+    split_file = boxes_file.parent / "train_test_split.txt"
+    if split_file.is_file():
+        ids = {}
+        for line in images_txt.read_text().splitlines():
+            if line.strip():
+                i, p = line.split(maxsplit=1)
+                ids[p.strip()] = i
+        test = {ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip() and ln.split()[1] == "0"}
+        boxes = {k: v for k, v in boxes.items() if ids.get(k) in test}
+    out = []
+    for key in sorted(boxes):
+        f = root / key
+        if not f.is_file():
+            raise _data_error(f"{f} (listed in {images_txt}) does not exist; --data_path is CUB's images/ folder")
+        out.append(BoxSample(key, boxes[key], _open(f)))
+    return out
+
+
+def voc_samples(data_path, annotations=None) -> list[BoxSample]:
+    root = Path(data_path)
+    if annotations is None:
+        if not (root / "Annotations").is_dir():
+            raise _data_error(f"{root} is not a VOC folder (no Annotations/); pass --annotations DIR or --boxes FILE.json")
+        annotations, images = root / "Annotations", root / "JPEGImages"
+    else:
+        images = root
+    try:
+        boxes = load_boxes_voc(annotations)
+    except FileNotFoundError as e:
+        raise _data_error(str(e)) from None
+    out = []
+    for name in sorted(boxes):
+        f = Path(images) / name
+        if not f.is_file():
+            raise _data_error(f"image {f} of annotation {name} does not exist")
+        out.append(BoxSample(name, boxes[name], _open(f)))
+    return out
+
+
+def check_samples(samples: list[BoxSample], subset: int = -1) -> list[BoxSample]:
+    if subset is not None and subset > 0:
+        samples = samples[:subset]
+    if not samples:
+        raise _data_error("no image to evaluate")
+    for s in samples:
+        check_gt_boxes(s.boxes, s.name)
+    return samples
+
+
+def iterate(model, samples: list[BoxSample], image_size: int | None = None, batch_size: int = 32) -> Iterator:
+    """Yields (x (B, 3, H, W) on the model's device, [(sample, (H0, W0) original size)]) with images of one input
+    size per batch (consecutive images of equal size are batched)."""
+    device = model_device(model)
+    mult = input_multiple(model)
+    batch: list[torch.Tensor] = []
+    meta: list = []
+    cur = None
+    for s in samples:
+        img = s.load()
+        size = model_input_size((img.height, img.width), mult, image_size)
+        if batch and (size != cur or len(batch) >= batch_size):
+            yield torch.stack(batch).to(device), meta
+            batch, meta = [], []
+        cur = size
+        batch.append(to_tensor(img, size))
+        meta.append((s, (img.height, img.width)))
+    if batch:
+        yield torch.stack(batch).to(device), meta
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

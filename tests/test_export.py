@@ -1,0 +1,195 @@
+"""Export of trained backbones: files, timm loading, round trips, torch.hub, safe reading."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_simpool.checkpoint import CheckpointError, save_atomic
+from dino_simpool.export import export_backbone, export_checkpoint, load_exported, read_export_weights
+from dino_simpool.models.backbones import build_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+
+
+def tiny(pooling="simpool", arch="vit_tiny"):
+    kw = TINY if arch.startswith("vit") else {}
+    return build_backbone(arch, pooling=pooling, **kw).eval()
+
+
+def perturbed(model, seed):
+    """A copy with different weights (so teacher and student differ, and nothing is left at its init)."""
+    g = torch.Generator().manual_seed(seed)
+    m = build_backbone(**model.config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def fake_training_checkpoint(path, model, student=None):
+    """The training checkpoint layout of CONTRIBUTING.md: backbone.* + head.* per network, config with backbone."""
+    student = student or model
+    head = {"head.mlp.0.weight": torch.randn(8, model.embed_dim), "head.last_layer.weight_g": torch.ones(16, 1)}
+    ckpt = {
+        "teacher": {**{f"backbone.{k}": v for k, v in model.state_dict().items()}, **head},
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                    **{f"module.{k}": v for k, v in head.items()}},
+        "config": {"backbone": dict(model.config), "lr": 0.0005, "epochs": 1},
+        "epoch": 1, "iteration": 7,
+    }
+    save_atomic(ckpt, path)
+    return ckpt
+
+
+def x_of(model, n=2, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_export_from_training_checkpoint(tmp_path):
+    teacher = perturbed(tiny("simpool"), 1)
+    student = perturbed(tiny("simpool"), 2)
+    ckpt = fake_training_checkpoint(tmp_path / "checkpoint.pth", teacher, student)
+    meta = export_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "exp")
+    files = sorted(p.name for p in (tmp_path / "exp").iterdir())
+    assert files == ["backbone.pth", "backbone.safetensors", "config.json"]
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert cfg == json.loads(json.dumps(meta))
+    assert (cfg["arch"], cfg["pooling"], cfg["gamma"], cfg["patch_size"], cfg["embed_dim"]) == ("vit_tiny", "simpool", 1.25, 8, 32)
+    assert cfg["backbone"] == teacher.config
+    blob = json.dumps(ckpt["config"], sort_keys=True, separators=(",", ":"), default=str)
+    assert cfg["training_config_sha256"] == hashlib.sha256(blob.encode()).hexdigest()
+    assert cfg["source"]["iteration"] == 7
+    sd = read_export_weights(tmp_path / "exp" / "backbone.safetensors")
+    assert set(sd) == set(teacher.state_dict())  # module./backbone. stripped, head dropped
+    assert all(torch.equal(sd[k], v) for k, v in teacher.state_dict().items())
+    # --key student takes the other network
+    export_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "exp_s", checkpoint_key="student")
+    x = x_of(teacher)
+    assert torch.equal(load_exported(tmp_path / "exp_s")(x), student(x))
+    assert not torch.equal(load_exported(tmp_path / "exp")(x), student(x))
+
+
+@pytest.mark.parametrize("arch,pooling", [
+    ("vit_tiny", "cls"), ("vit_tiny", "gap"),
+    pytest.param("resnet_test", "gap", marks=pytest.mark.slow), pytest.param("convnext_test", "gap", marks=pytest.mark.slow),
+])
+def test_timm_loads_cls_and_gap_exports(tmp_path, arch, pooling):
+    import timm
+
+    model = perturbed(tiny(pooling, arch), 3)
+    meta = export_backbone(model, tmp_path)
+    spec = meta["timm"]
+    assert meta["layout"] == "timm" and spec["complete"]
+    for fname in ("backbone.safetensors", "backbone.pth"):
+        t = timm.create_model(spec["model_name"], pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / fname)), **spec["kwargs"]).eval()
+        sd = read_export_weights(tmp_path / fname)
+        # timm loads non-strictly when num_classes differs from the pretrained cfg: check the keys ourselves
+        assert set(t.state_dict()) == set(sd), (set(t.state_dict()) ^ set(sd))
+        assert all(torch.equal(t.state_dict()[k], v) for k, v in sd.items())
+        x = x_of(model)
+        with torch.no_grad():
+            torch.testing.assert_close(t(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_simpool_round_trip_from_config_json_alone(tmp_path):
+    import timm
+
+    from dino_simpool.models.weights import build_backbone_from_checkpoint
+    from dino_simpool.pooling import SimPool
+
+    model = perturbed(tiny("simpool"), 4)
+    meta = export_backbone(model, tmp_path / "exp")
+    x = x_of(model)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(load_exported(tmp_path / "exp")(x), ref)
+        assert torch.equal(load_exported(tmp_path / "exp" / "backbone.pth")(x), ref)
+        other, _ = build_backbone_from_checkpoint(tmp_path / "exp")  # the evaluators' loader reads exports too
+        assert torch.equal(other.eval()(x), ref)
+        # the documented timm equivalent: timm ViT without class token + SimPool + final norm
+        spec = meta["timm"]
+        sd = read_export_weights(tmp_path / "exp" / "backbone.safetensors")
+        t = timm.create_model(spec["model_name"], pretrained=False, num_classes=0, **spec["kwargs"]).eval()
+        t.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}, strict=True)
+        sp = SimPool(32, gamma=meta["gamma"], use_beta=True).eval()
+        sp.load_state_dict({k[len("pool."):]: v for k, v in sd.items() if k.startswith("pool.")}, strict=True)
+        tokens = t.blocks(t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(x)))))
+        torch.testing.assert_close(t.norm(sp(tokens)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_preferred_when_both_exist(tmp_path):
+    model = perturbed(tiny("cls"), 5)
+    export_backbone(model, tmp_path)
+    sd = read_export_weights(tmp_path / "backbone.pth")
+    torch.save({k: torch.zeros_like(v) for k, v in sd.items()}, tmp_path / "backbone.pth")  # now they differ
+    x = x_of(model)
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path)(x), model(x))
+        assert not torch.equal(load_exported(tmp_path / "backbone.pth")(x), model(x))  # an explicit file is honoured
+    (tmp_path / "backbone.safetensors").unlink()
+    assert torch.equal(load_exported(tmp_path).encoder.norm.weight, torch.zeros(32))  # falls back to the .pth
+
+
+class _Payload:  # any non-plain object: unpickling it would need arbitrary code
+    def __reduce__(self):
+        return (print, ("this should never run",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    model = tiny("cls")
+    export_backbone(model, tmp_path)
+    (tmp_path / "backbone.safetensors").unlink()
+    torch.save({**model.state_dict(), "evil": _Payload()}, tmp_path / "backbone.pth")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_exported(tmp_path)
+    assert "should never run" not in capsys.readouterr().out
+
+
+def test_export_errors(tmp_path):
+    torch.save(tiny("cls").state_dict(), tmp_path / "backbone.pth")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_exported(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not an export folder"):
+        load_exported(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_exported(tmp_path / "missing")
+
+
+def test_hub_entries(tmp_path):
+    model = perturbed(tiny("simpool"), 6)
+    export_backbone(model, tmp_path / "exp")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf_under_test", REPO / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    names = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_")]  # torch.hub's rule
+    assert hubconf.dependencies == ["torch", "timm"]
+    assert {"vit_small_simpool", "vit_small_cls", "resnet50_simpool", "resnet50_gap", "convnext_small_simpool"} <= set(names)
+    hub = torch.hub.load(str(REPO), "vit_tiny_simpool", source="local", weights=str(tmp_path / "exp"))
+    x = x_of(model)
+    with torch.no_grad():
+        assert torch.equal(hub(x), model(x))
+    rand = torch.hub.load(str(REPO), "vit_tiny_cls", source="local", **TINY)
+    assert rand.config["pooling"] == "cls" and rand.embed_dim == 32
+    with pytest.raises(ValueError, match="vit_tiny_simpool"):
+        torch.hub.load(str(REPO), "vit_tiny_cls", source="local", weights=str(tmp_path / "exp"))
+
+
+def test_export_cli(tmp_path, capsys):
+    from eval.export import main
+
+    fake_training_checkpoint(tmp_path / "checkpoint.pth", tiny("gap"))
+    assert main(["--checkpoint", str(tmp_path), "--output_dir", str(tmp_path / "exp")]) == 0
+    out = capsys.readouterr().out
+    assert "timm.create_model('vit_tiny_patch16_224', pretrained=True" in out
+    assert main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--output_dir", str(tmp_path / "e2"), "--key", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'ema' entry" in err and len(err.strip().splitlines()) == 1
+    assert main(["--checkpoint", str(tmp_path / "nope.pth"), "--output_dir", str(tmp_path / "e3")]) == 2
+    assert "not found" in capsys.readouterr().err
