@@ -1,0 +1,628 @@
+"""Linear probe: DINO's linear evaluation protocol, plus many heads (lr × feature set) in one frozen pass.
+
+    dino-simpool-linear --pretrained_weights out/checkpoint.pth --data_path /imagenet --output_dir out/linear
+    python -m eval.linear --lrs 0.0001 0.001 0.01 0.1 --feature_sets last1 last4 last4_avgpool ...
+
+The DINO protocol (``eval_linear.py``): frozen backbone in eval mode under ``no_grad``; one ``nn.Linear`` with weights
+N(0, 0.01) and bias 0; SGD momentum 0.9, weight decay 0, lr × (global batch)/256, cosine over the epochs (stepped per
+epoch, eta_min 0); cross-entropy; train RandomResizedCrop + flip, val Resize + CenterCrop; DDP over the head;
+top-1/top-5 every ``--val_freq`` epochs; the best and the last epoch are reported. ``output_dir/checkpoint.pth`` is
+written atomically every epoch and training resumes from it automatically.
+
+Beyond DINO: ``--lrs`` × ``--feature_sets`` trains one head per pair on the same frozen forward pass (each head is
+its own SGD param group with its own lr scaling and cosine); ``--cached_features`` extracts centre-crop features
+once and trains the heads on the cached tensors (a fast sweep mode, *not* the full protocol: no augmentation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dino_simpool import distributed as du
+from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
+
+from .linear_heads import (
+    FeatureExtractor,
+    FlatFeatures,
+    LinearHeads,
+    cosine_lr,
+    default_feature_set,
+    make_specs,
+    parse_feature_set,
+    topk_correct,
+)
+
+CHECKPOINT_NAME = "checkpoint.pth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHED_NOTE = (
+    "NOTE: --cached_features trains the heads on features extracted once from centre crops, without the "
+    "RandomResizedCrop/flip augmentation: a fast sweep mode, not the full DINO linear protocol."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------- flags
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _gamma(value: str):
+    v = str(value).strip().lower()
+    if v in ("none", "null"):
+        return None
+    if v == "default":
+        return "default"
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gamma takes a number, 'none' or 'default'; got {value!r}") from None
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false); got {value!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = _Parser("dino-simpool-linear", description="Linear probe of a frozen backbone (DINO protocol + many heads).")
+    m = p.add_argument_group("model (flags left unset come from the checkpoint's stored config when it has one)")
+    m.add_argument("--arch", default=None, help="backbone (vit_tiny, vit_small, vit_base, resnet50, convnext_small, ...); "
+                   "default: the checkpoint's, else vit_small")
+    m.add_argument("--mode", default=None, choices=["official", "simpool"],
+                   help="official = DINO's pooling ([CLS] for ViTs, global average for CNNs); simpool = SimPool")
+    m.add_argument("--pooling", default=None, help="any registry pooling (wins over --mode)")
+    m.add_argument("--gamma", type=_gamma, default=None, help="SimPool gamma: a number, 'none' or 'default'")
+    m.add_argument("--patch_size", type=int, default=None)
+    m.add_argument("--depth", type=int, default=None, help="tiny-model override (tests, random-init probes)")
+    m.add_argument("--embed_dim", type=int, default=None, help="tiny-model override")
+    m.add_argument("--num_heads", type=int, default=None, help="tiny-model override (attention heads)")
+    m.add_argument("--pretrained_weights", default="", help="training checkpoint or exported backbone; empty = random init")
+    m.add_argument("--checkpoint_key", default="teacher")
+    f = p.add_argument_group("features")
+    f.add_argument("--n_last_blocks", type=int, default=None,
+                   help="concatenate the last n blocks' [CLS]/pooled vectors (default 4 for ViTs, as DINO; 1 for CNNs)")
+    f.add_argument("--avgpool_patchtokens", type=_bool, nargs="?", const=True, default=False,
+                   help="append the mean patch token of the last block (ViTs)")
+    f.add_argument("--feature_sets", nargs="+", default=None,
+                   help="heads' feature sets: last<N> or last<N>_avgpool (default: from --n_last_blocks/--avgpool_patchtokens)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--lr", type=float, default=0.001, help="base lr (scaled by global batch / 256)")
+    t.add_argument("--lrs", type=float, nargs="+", default=None, help="several base lrs: one head each (replaces --lr)")
+    t.add_argument("--weight_decay", type=float, default=0.0)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--batch_size_per_gpu", type=int, default=128)
+    t.add_argument("--val_freq", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cached_features", action="store_true",
+                   help="extract centre-crop features once and train on them (fast sweeps; not the full protocol)")
+    t.add_argument("--evaluate", action="store_true", help="validation only, from a saved head")
+    t.add_argument("--linear_weights", default="", help="head checkpoint for --evaluate (default: output_dir/checkpoint.pth)")
+    t.add_argument("--stop_after_epochs", type=int, default=0, help=argparse.SUPPRESS)  # simulate preemption (tests)
+    d = p.add_argument_group("data")
+    d.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageFolder); none = embedded synthetic dataset")
+    d.add_argument("--num_labels", type=int, default=None, help="default: the number of classes of the dataset")
+    d.add_argument("--subset", type=int, default=-1, help="images per class from the train split (-1 = all)")
+    d.add_argument("--resize", type=int, default=256, help="val: resize the short side to this")
+    d.add_argument("--crop", type=int, default=224, help="train RandomResizedCrop and val CenterCrop size")
+    d.add_argument("--synthetic_size", type=int, default=64, help="image size of the embedded dataset")
+    d.add_argument("--synthetic_per_class", type=int, default=None,
+                   help="embedded dataset: train images per class (val gets a quarter; default 200 / 50)")
+    d.add_argument("--num_workers", type=int, default=min(10, os.cpu_count() or 1))
+    d.add_argument("--output_dir", default=".")
+    s = p.add_argument_group("distributed")
+    s.add_argument("--dist_url", default="env://")
+    s.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
+    s.add_argument("--local_rank", type=int, default=0, help="ignored (torchrun sets LOCAL_RANK)")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate flags and fill ``lrs``; normalise ``feature_sets`` when given. Raises ValueError."""
+    for name in ("epochs", "batch_size_per_gpu", "val_freq", "crop", "resize", "synthetic_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.synthetic_per_class is not None and args.synthetic_per_class < 1:
+        raise ValueError(f"--synthetic_per_class must be >= 1; got {args.synthetic_per_class}")
+    if args.crop > args.resize:
+        raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}; use e.g. --resize 36 --crop 32")
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0; got {args.num_workers}")
+    if args.n_last_blocks is not None and args.n_last_blocks < 1:
+        raise ValueError(f"--n_last_blocks must be >= 1; got {args.n_last_blocks}")
+    if args.num_labels is not None and args.num_labels < 1:
+        raise ValueError(f"--num_labels must be >= 1; got {args.num_labels}")
+    lrs = args.lrs if args.lrs else [args.lr]
+    bad = [lr for lr in lrs if not (lr > 0 and math.isfinite(lr))]
+    if bad:
+        raise ValueError(f"learning rates must be positive and finite; got {bad}")
+    if len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs repeats a value: {lrs}")
+    args.lrs = [float(x) for x in lrs]
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0; got {args.weight_decay}")
+    if args.feature_sets:
+        args.feature_sets = [parse_feature_set(s).name for s in args.feature_sets]
+        if len(set(args.feature_sets)) != len(args.feature_sets):
+            raise ValueError(f"--feature_sets repeats a name: {args.feature_sets}")
+    return args
+
+
+def feature_sets_for(args, is_vit: bool) -> list[str]:
+    """``--feature_sets`` if given, else DINO's single set from ``--n_last_blocks`` (4 for ViTs, 1 for CNNs by
+    default) and ``--avgpool_patchtokens``."""
+    if args.feature_sets:
+        return list(args.feature_sets)
+    n = args.n_last_blocks if args.n_last_blocks is not None else (4 if is_vit else 1)
+    return [default_feature_set(n, bool(args.avgpool_patchtokens))]
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+def _arch_is_vit(arch: str) -> bool:
+    return arch.lower().startswith(("vit", "deit"))
+
+
+def _pooling_for(args, arch: str) -> str | None:
+    if args.pooling:
+        return args.pooling
+    if args.mode == "simpool":
+        return "simpool"
+    if args.mode == "official":
+        return "cls" if _arch_is_vit(arch) else "gap"
+    return None
+
+
+def build_model(args) -> nn.Module:
+    """The frozen backbone. With ``--pretrained_weights``: the checkpoint's stored (or inferred) config, where the
+    flags given explicitly win; without: a randomly initialised backbone from the flags."""
+    from dino_simpool import models
+
+    overrides = {}
+    for key in ("arch", "patch_size", "depth", "embed_dim", "num_heads"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.gamma is not None:
+        overrides["gamma"] = args.gamma
+    if args.pretrained_weights:
+        pooling = _pooling_for(args, args.arch) if args.arch else (args.pooling or ("simpool" if args.mode == "simpool" else None))
+        if pooling:
+            overrides["pooling"] = pooling
+        model, report = models.build_backbone_from_checkpoint(args.pretrained_weights, args.checkpoint_key, **overrides)
+        if args.mode == "official" and not args.pooling and not args.arch:
+            want = "cls" if model.is_vit else "gap"
+            if model.config.get("pooling") != want:  # --mode official without --arch: pooling follows the arch
+                model, report = models.build_backbone_from_checkpoint(
+                    args.pretrained_weights, args.checkpoint_key, **overrides, pooling=want)
+        _print(f"backbone {model.config.get('arch')} (pooling {model.config.get('pooling')}) from "
+               f"{args.pretrained_weights} [config: {report.get('config_source', '?')}]")
+        return model
+    arch = args.arch or "vit_small"
+    overrides.pop("arch", None)
+    pooling = _pooling_for(args, arch) or "simpool"
+    if _arch_is_vit(arch):
+        overrides.setdefault("patch_size", 16)
+        overrides["img_size"] = args.crop
+    model = models.build_backbone(arch, pooling=pooling, **overrides)
+    _print(f"WARNING: no --pretrained_weights: probing a randomly initialised {arch} (pooling {pooling})")
+    return model
+
+
+def train_transform(crop: int):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(crop),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def build_datasets(args, train_aug: bool = True):
+    """(train, val) datasets; train gets the augmentation, or centre crops when ``train_aug`` is False."""
+    from dino_simpool.data import build_dataset
+    from dino_simpool.dino.augment import eval_transform
+
+    val_tf = eval_transform(args.resize, args.crop)
+    train_tf = train_transform(args.crop) if train_aug else val_tf
+    syn_train, syn_val = {}, {}
+    if not args.data_path and args.synthetic_per_class:
+        syn_train = {"images_per_class": args.synthetic_per_class}
+        syn_val = {"images_per_class": max(1, args.synthetic_per_class // 4)}
+    train = build_dataset(args.data_path, "train", transform=train_tf, subset=args.subset,
+                          image_size=args.synthetic_size, **syn_train)
+    val = build_dataset(args.data_path, "val", transform=val_tf, image_size=args.synthetic_size, **syn_val)
+    return train, val
+
+
+def num_classes_of(ds) -> int:
+    classes = getattr(ds, "classes", None)
+    if classes is not None and len(classes):
+        return len(classes)
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = [int(ds[i][1]) for i in range(len(ds))]
+    return int(max(int(t) for t in targets)) + 1
+
+
+# -------------------------------------------------------------------------------------------------- samplers
+class _ShardSampler(torch.utils.data.Sampler):
+    """This rank's indices of ``order`` (a permutation), padded so every rank gets the same count (training)."""
+
+    def __init__(self, order: list[int], rank: int, world: int, pad: bool):
+        if pad and world > 1 and len(order) % world:
+            order = order + order[: world - len(order) % world]
+        self.idx = order[rank::world]
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+
+def _order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+class ImageBatches:
+    """Batches of (features dict, labels) from images through the frozen extractor."""
+
+    def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad):
+        self.dataset, self.extractor, self.bs, self.nw = dataset, extractor, batch_size, num_workers
+        self.device, self.seed, self.shuffle, self.pad = device, seed, shuffle, pad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def epoch(self, epoch: int):
+        rank, world = du.get_rank(), du.get_world_size()
+        sampler = _ShardSampler(_order(len(self.dataset), self.seed, epoch, self.shuffle), rank, world, self.pad)
+        gen = torch.Generator().manual_seed(int(self.seed) * 7919 + int(epoch) * 31 + rank)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.bs, sampler=sampler, num_workers=self.nw, generator=gen,
+            pin_memory=self.device.type == "cuda", drop_last=False,
+        )
+        for imgs, labels, *_ in loader:
+            imgs = imgs.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            yield self.extractor(imgs), labels
+
+
+class CachedBatches:
+    """Batches of (features dict, labels) from cached flat features (every rank holds all of them)."""
+
+    def __init__(self, flat, labels, extractor, piece_dims, batch_size, seed, shuffle, pad):
+        self.flat, self.labels, self.extractor, self.piece_dims = flat, labels, extractor, piece_dims
+        self.bs, self.seed, self.shuffle, self.pad = batch_size, seed, shuffle, pad
+
+    def __len__(self):
+        return len(self.labels)
+
+    def epoch(self, epoch: int):
+        rank, world = du.get_rank(), du.get_world_size()
+        idx = torch.tensor(_ShardSampler(_order(len(self.labels), self.seed, epoch, self.shuffle), rank, world, self.pad).idx,
+                           dtype=torch.long)
+        for i in range(0, len(idx), self.bs):
+            b = idx[i:i + self.bs].to(self.flat.device)
+            yield self.extractor.split_flat(self.flat[b], self.piece_dims), self.labels[b]
+
+
+# ---------------------------------------------------------------------------------------------- train / eval
+def _print(*a):
+    if du.is_main_process():
+        print(*a, flush=True)
+
+
+def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epoch: int, epochs: int, seed: int):
+    for g in optimizer.param_groups:
+        g["lr"] = cosine_lr(g["base_lr"], epoch, epochs)
+    torch.manual_seed(int(seed) * 1009 + epoch)  # augmentation RNG in the main process (num_workers=0)
+    heads.train()
+    loss_sum = torch.zeros(len(core.specs), dtype=torch.float64)
+    n = 0
+    for feats, labels in batches.epoch(epoch):
+        logits = heads(feats)
+        loss, per_head = core.loss(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}: {per_head.tolist()} (lower the lr?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += per_head.double().cpu()
+        n += 1
+    loss_mean = loss_sum / max(n, 1)
+    if du.is_dist():
+        device = next(core.parameters()).device
+        loss_mean = du.all_reduce_mean(loss_mean.to(device)).cpu()
+    return loss_mean.tolist()
+
+
+@torch.no_grad()
+def validate(heads: nn.Module, core: LinearHeads, batches, epoch: int = 0) -> list[dict]:
+    heads.eval()
+    counts = torch.zeros(len(core.specs), 2, dtype=torch.float64)
+    total = 0
+    for feats, labels in batches.epoch(epoch):
+        logits = core(feats)  # not the DDP wrapper: ranks may hold different numbers of val batches
+        for i, lg in enumerate(logits):
+            c1, c5 = topk_correct(lg, labels)
+            counts[i, 0] += c1
+            counts[i, 1] += c5
+        total += labels.shape[0]
+    tot = torch.tensor([float(total)], dtype=torch.float64)
+    if du.is_dist():
+        import torch.distributed as dist
+
+        device = next(core.parameters()).device
+        counts, tot = counts.to(device), tot.to(device)
+        dist.all_reduce(counts)
+        dist.all_reduce(tot)
+        counts, tot = counts.cpu(), tot.cpu()
+    total = max(tot.item(), 1.0)
+    return [{"top1": 100.0 * counts[i, 0].item() / total, "top5": 100.0 * counts[i, 1].item() / total}
+            for i in range(len(core.specs))]
+
+
+# -------------------------------------------------------------------------------------------------- checkpoint
+def _spec(core: LinearHeads, mode: str) -> dict:
+    return {"heads": core.spec_dicts(), "num_labels": core.num_labels, "features": mode}
+
+
+def check_spec(saved: dict | None, current: dict, path, compare_mode: bool = True) -> None:
+    """Raise CheckpointError naming every difference between a saved head set and the one the flags ask for."""
+    if not isinstance(saved, dict) or "heads" not in saved:
+        raise CheckpointError(f"{path} is not a linear-probe checkpoint of dino-simpool-linear (no head spec inside)")
+    problems = []
+    if saved.get("num_labels") != current["num_labels"]:
+        problems.append(f"num_labels {saved.get('num_labels')} saved vs {current['num_labels']} now")
+    s_heads = {h["name"]: h for h in saved["heads"]}
+    c_heads = {h["name"]: h for h in current["heads"]}
+    if set(s_heads) != set(c_heads):
+        problems.append(f"heads {sorted(s_heads)} saved vs {sorted(c_heads)} now (--lrs/--feature_sets)")
+    for name in sorted(set(s_heads) & set(c_heads)):
+        if s_heads[name]["in_dim"] != c_heads[name]["in_dim"]:
+            problems.append(f"head {name}: input dim {s_heads[name]['in_dim']} saved vs {c_heads[name]['in_dim']} "
+                            f"from this backbone")
+    if compare_mode and saved.get("features") != current["features"]:
+        problems.append(f"trained on {saved.get('features')} features, now {current['features']} (--cached_features)")
+    if problems:
+        raise CheckpointError(
+            f"head checkpoint {path} does not match this run: " + "; ".join(problems)
+            + ". Use the flags it was trained with, or a fresh --output_dir"
+        )
+
+
+def _plain(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _strip_module(sd: dict) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------------------------------------- run
+def _report(core: LinearHeads, best: dict, last: dict, epochs_done: int, title: str) -> str:
+    rows = []
+    header = f"{'head':<26}{'features':<16}{'lr':>9}{'dim':>7}{'best top1':>11}{'(epoch)':>9}{'last top1':>11}{'last top5':>11}"
+    rows.append(header)
+    for s in core.specs:
+        b, l = best.get(s.name), last.get(s.name)
+        rows.append(
+            f"{s.name:<26}{s.feature_set:<16}{s.lr:>9g}{s.in_dim:>7}"
+            + (f"{b['top1']:>11.2f}{b['epoch']:>9}" if b else f"{'-':>11}{'-':>9}")
+            + (f"{l['top1']:>11.2f}{l['top5']:>11.2f}" if l else f"{'-':>11}{'-':>11}")
+        )
+    text = title + "\n" + "\n".join(rows)
+    if best:
+        name = max(core.specs, key=lambda s: (best.get(s.name, {}).get("top1", -1.0), -core.specs.index(s))).name
+        b = best[name]
+        text += f"\nbest head: {name}  top-1 {b['top1']:.2f}%  top-5 {b['top5']:.2f}%  (epoch {b['epoch']})"
+    return text
+
+
+def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset=None) -> dict:
+    """The whole probe. ``backbone``/datasets may be given directly (tests, notebooks); else built from flags.
+
+    Returns ``{"best": {head: {top1, top5, epoch}}, "last": {...}, "best_head": name, "epochs_done": int, ...}``.
+    """
+    resolve_args(args)
+    env = du.init_distributed(args.backend, args.dist_url)
+    device = du.device_for(env)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.output_dir)
+    if du.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if backbone is None:
+        backbone = build_model(args)
+    feature_sets = feature_sets_for(args, bool(getattr(backbone, "is_vit", True)))
+    backbone = backbone.to(device)
+    extractor = FeatureExtractor(backbone, feature_sets)  # validates n_last_blocks vs CNN/depth; freezes
+
+    if (train_dataset is None) != (val_dataset is None):
+        raise ValueError("pass both train_dataset and val_dataset, or neither")
+    if train_dataset is None:
+        train_dataset, val_dataset = build_datasets(args, train_aug=not args.cached_features)
+    if len(val_dataset) == 0 or (len(train_dataset) == 0 and not args.evaluate):
+        raise ValueError("empty dataset: the train or val split has no images")
+    n_classes = num_classes_of(train_dataset if len(train_dataset) else val_dataset)
+    num_labels = args.num_labels or n_classes
+    if num_labels < n_classes:
+        raise ValueError(f"--num_labels {num_labels} is smaller than the dataset's {n_classes} classes")
+
+    # the heads' input sizes come from a real forward pass, never from embed_dim arithmetic
+    probe = torch.stack([val_dataset[i][0] for i in range(min(2, len(val_dataset)))]).to(device)
+    piece_dims = extractor.piece_dims(probe)
+    in_dims = {k: v.shape[-1] for k, v in extractor(probe).items()}
+
+    bs = args.batch_size_per_gpu
+    mode = "cached" if args.cached_features else "images"
+    core = LinearHeads(make_specs(feature_sets, args.lrs, in_dims), num_labels, seed=args.seed).to(device)
+    spec = _spec(core, mode)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    # checkpoint checks first: a mismatch fails before any (long) feature extraction
+    ck = None
+    if args.evaluate:
+        eval_path = Path(args.linear_weights) if args.linear_weights else ckpt_path
+        if not eval_path.is_file():
+            raise CheckpointError(f"--evaluate needs a trained head: {eval_path} does not exist (train first, or pass "
+                                  f"--linear_weights)")
+        ck = load_checkpoint(eval_path)
+        check_spec(ck.get("spec") if isinstance(ck, dict) else None, spec, eval_path, compare_mode=False)
+    elif ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        check_spec(ck.get("spec") if isinstance(ck, dict) else None, spec, ckpt_path)
+        if ck.get("epochs") != args.epochs:
+            raise CheckpointError(f"{ckpt_path} was trained for --epochs {ck.get('epochs')}, now {args.epochs}: the "
+                                  f"cosine schedule differs. Use the same --epochs or a fresh --output_dir")
+
+    if args.cached_features:
+        _print(CACHED_NOTE)
+        from eval.features import extract_features
+
+        flat_model = FlatFeatures(extractor)
+        t0 = time.time()
+        tr_x, tr_y = (None, None) if args.evaluate else extract_features(
+            flat_model, train_dataset, batch_size=bs, num_workers=args.num_workers, device=device, desc="train")
+        va_x, va_y = extract_features(flat_model, val_dataset, batch_size=bs, num_workers=args.num_workers,
+                                      device=device, desc="val")
+        _print(f"cached features in {time.time() - t0:.1f}s: val {tuple(va_x.shape)}"
+               + ("" if tr_x is None else f", train {tuple(tr_x.shape)}"))
+        train_b = None if tr_x is None else CachedBatches(tr_x.to(device), tr_y.to(device), extractor, piece_dims, bs,
+                                                         args.seed, shuffle=True, pad=True)
+        val_b = CachedBatches(va_x.to(device), va_y.to(device), extractor, piece_dims, bs, args.seed, False, False)
+    else:
+        train_b = ImageBatches(train_dataset, extractor, bs, args.num_workers, device, args.seed, True, True)
+        val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False)
+
+    heads: nn.Module = core
+    if du.is_dist():
+        heads = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == "cuda" else None)
+    lr_scale = bs * du.get_world_size() / 256.0
+    optimizer = torch.optim.SGD(core.param_groups(lr_scale), lr=args.lrs[0] * lr_scale, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    _print(f"linear probe: {len(core.specs)} head(s) {[s.name for s in core.specs]}, {num_labels} labels, "
+           f"features {in_dims}, {len(train_dataset)} train / {len(val_dataset)} val images, "
+           f"global batch {bs * du.get_world_size()} (lr x {lr_scale:g})")
+
+    result = {"heads": core.spec_dicts(), "num_labels": num_labels, "features": mode}
+
+    # ---- evaluate only
+    if args.evaluate:
+        path = eval_path
+        core.load_state_dict(_strip_module(ck["heads"]))
+        stats = validate(heads, core, val_b)
+        last = {s.name: dict(st, epoch=ck.get("epoch", 0)) for s, st in zip(core.specs, stats)}
+        _print(_report(core, last, last, ck.get("epoch", 0), f"evaluation of {path} on {len(val_dataset)} val images"))
+        result.update(best=last, last=last, best_head=max(last, key=lambda k: last[k]["top1"]),
+                      epochs_done=ck.get("epoch", 0))
+        return result
+
+    # ---- resume
+    start_epoch, best, last, history = 0, {}, {}, []
+    if ck is not None:
+        try:
+            core.load_state_dict(_strip_module(ck["heads"]))
+            optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot restore the heads from {ckpt_path}: {e}") from None
+        start_epoch, best, last, history = ck["epoch"], ck["best"], ck["last"], ck.get("history", [])
+        _print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+        if du.is_main_process():
+            with open(out_dir / "log.txt", "a") as f:
+                f.write(json.dumps({"event": "resume", "epoch": start_epoch}) + "\n")
+
+    log_path = out_dir / "log.txt"
+    epochs_this_run = 0
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        if du.is_dist():
+            du.barrier()
+        losses = train_one_epoch(heads, core, optimizer, train_b, epoch, args.epochs, args.seed)
+        entry = {"epoch": epoch, "time_s": round(time.time() - t0, 3),
+                 "loss": {s.name: l for s, l in zip(core.specs, losses)},
+                 "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}}
+        if (epoch + 1) % args.val_freq == 0 or epoch == args.epochs - 1:
+            stats = validate(heads, core, val_b)
+            last = {}
+            for s, st in zip(core.specs, stats):
+                last[s.name] = dict(st, epoch=epoch + 1)  # 1-based: "after this many epochs"
+                if s.name not in best or st["top1"] > best[s.name]["top1"]:
+                    best[s.name] = dict(st, epoch=epoch + 1)
+            entry["val"] = {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in last.items()}
+            top = max(core.specs, key=lambda s: last[s.name]["top1"]).name
+            _print(f"epoch {epoch + 1}/{args.epochs} ({entry['time_s']:.1f}s): best head now {top} top-1 "
+                   f"{last[top]['top1']:.2f}% top-5 {last[top]['top5']:.2f}% (loss {entry['loss'][top]:.4f}); "
+                   f"max top-1 so far {max(b['top1'] for b in best.values()):.2f}%")
+        else:
+            _print(f"epoch {epoch + 1}/{args.epochs} ({entry['time_s']:.1f}s): mean loss "
+                   f"{sum(losses) / len(losses):.4f}")
+        history.append(entry)
+        if du.is_main_process():
+            save_atomic({
+                "heads": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                "epochs": args.epochs, "best": best, "last": last, "history": history, "spec": spec,
+                "args": _plain(vars(args)),
+            }, ckpt_path)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        epochs_this_run += 1
+        if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs:
+            _print(f"stopping after {epochs_this_run} epoch(s) (--stop_after_epochs); rerun to resume")
+            du.barrier()
+            result.update(best=best, last=last, epochs_done=epoch + 1, stopped=True,
+                          best_head=max(best, key=lambda k: best[k]["top1"]) if best else None)
+            return result
+
+    du.barrier()
+    epochs_done = max(start_epoch, args.epochs)
+    title = (f"linear probe, {len(core.specs)} head(s), {args.epochs} epochs"
+             + (" [cached centre-crop features: not the full protocol]" if args.cached_features else ""))
+    _print(_report(core, best, last, epochs_done, title))
+    best_head = max(best, key=lambda k: best[k]["top1"]) if best else None
+    result.update(best=best, last=last, best_head=best_head, epochs_done=epochs_done)
+    if du.is_main_process():
+        (out_dir / "results.json").write_text(json.dumps(_plain(result), indent=1))
+    return result
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, CheckpointError) as e:
+        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    except FloatingPointError as e:  # same code as training's non-finite loss
+        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        du.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
