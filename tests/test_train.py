@@ -1,0 +1,278 @@
+"""End-to-end training: tiny models on the embedded data; resume bit-identity; preemption; NaN; corrupt images; DDP."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_simpool.checkpoint import load_checkpoint
+from dino_simpool.logs import read_json_log
+from dino_simpool.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 20 images (10 classes x 2), batch 8 -> 2 iterations per epoch
+TINY_DATA = ["--synthetic_size", "32", "--synthetic_per_class", "2", "--batch_size_per_gpu", "8", "--num_workers", "0",
+             "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2"]
+TINY_OPT = ["--out_dim", "64", "--epochs", "2", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1",
+            "--optimizer", "adamw", "--lr", "5e-4", "--min_lr", "1e-6", "--weight_decay", "0.04",
+            "--weight_decay_end", "0.4", "--eval_every", "0", "--saveckp_freq", "1", "--log_every", "1"]
+TINY_VIT = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8"]
+TINY = TINY_VIT + TINY_DATA + TINY_OPT
+
+
+def _run(args, env_extra=None, timeout=240):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "dino_simpool.train", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _same_weights(a, b):
+    """Names of the tensors that differ between two checkpoints (student + teacher + loss centre)."""
+    diff = [f"{part}.{k}" for part in ("student", "teacher") for k in a[part]
+            if not torch.equal(a[part][k], b[part][k])]
+    if not torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"]):
+        diff.append("center")
+    return diff
+
+
+@pytest.mark.parametrize("model_args", [
+    pytest.param(TINY_VIT + ["--pooling", "simpool"], id="vit-simpool"),
+    pytest.param(TINY_VIT + ["--pooling", "simpool", "--gamma", "None"], id="vit-simpool-nogamma",
+                 marks=pytest.mark.slow),
+    pytest.param(TINY_VIT + ["--mode", "official"], id="vit-cls", marks=pytest.mark.slow),
+    pytest.param(["--arch", "resnet_test", "--clip_grad", "3.0"], id="resnet", marks=pytest.mark.slow),
+    # ConvNeXt's total stride is 32: 64/32 px crops
+    pytest.param(["--arch", "convnext_test", "--precision", "bf16", "--global_crops_size", "64", "--local_crops_size",
+                  "32", "--synthetic_size", "64", "--clip_grad", "1.0", "--clip_grad_mode", "global"],
+                 id="convnext-bf16", marks=pytest.mark.slow),
+    pytest.param(TINY_VIT + ["--precision", "fp16"], id="vit-fp16-gradscaler", marks=pytest.mark.slow),
+])
+def test_two_steps(tmp_path, model_args, capsys):
+    out = tmp_path / "run"
+    rc = main(TINY_DATA + TINY_OPT + model_args + ["--max_iters", "2", "--output_dir", str(out)])
+    assert rc == 0
+    ck = load_checkpoint(out / "checkpoint.pth")  # weights_only=True
+    assert set(ck) >= {"student", "teacher", "optimizer", "scaler", "dino_loss", "epoch", "iteration",
+                       "iter_in_epoch", "config", "rng"}
+    assert (ck["epoch"], ck["iteration"], ck["iter_in_epoch"]) == (1, 2, 0)
+    assert all(k.startswith(("backbone.", "head.")) for k in ck["student"])
+    assert ck["student"].keys() == ck["teacher"].keys()
+    # the student moved away from the teacher (gradients flowed; the EMA only follows at momentum 0.996)
+    moved = [k for k, v in ck["student"].items() if v.is_floating_point() and not torch.equal(v, ck["teacher"][k])]
+    assert len(moved) > 0.5 * sum(v.is_floating_point() for v in ck["student"].values())
+    # teacher and student share gamma; gamma None really is no power
+    bcfg = ck["config"]["backbone"]
+    if "--gamma" in model_args:
+        assert bcfg["gamma"] is None
+    elif "--mode" not in model_args:
+        assert bcfg["gamma"] == (1.25 if "vit_tiny" in model_args else 2.0)
+    assert bcfg["arch"] == model_args[1]
+    if "fp16" in model_args:
+        assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
+    # config.yaml is the resolved config and parses back
+    from dino_simpool.dino.config import TrainConfig
+    import yaml
+    cfg = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    assert cfg.max_iters == 2 and cfg.precision in ("fp32", "bf16", "fp16")
+    log = read_json_log(out / "log.txt")
+    assert log[0]["event"] == "start" and any(r.get("epoch") == 0 and "loss" in r for r in log)
+    assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+    assert (out / "checkpoint0000.pth").is_file()
+
+
+@pytest.mark.slow
+def test_resume_bit_identical_epoch_boundary_and_mid_epoch(tmp_path, capsys):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert main(TINY + ["--output_dir", str(ref)]) == 0
+    # stop at the epoch boundary (2 = one epoch), then in the middle of epoch 1 (3), then finish
+    assert main(TINY + ["--output_dir", str(cut), "--max_iters", "2"]) == 0
+    assert main(TINY + ["--output_dir", str(cut), "--max_iters", "3"]) == 0
+    ck = load_checkpoint(cut / "checkpoint.pth")
+    assert (ck["epoch"], ck["iteration"], ck["iter_in_epoch"]) == (1, 3, 1)
+    assert main(TINY + ["--output_dir", str(cut)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "at epoch 1 iteration 2" in out and "at epoch 1 iteration 3" in out
+    a, b = load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(cut / "checkpoint.pth")
+    assert a["iteration"] == b["iteration"] == 4
+    assert _same_weights(a, b) == []
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            if torch.is_tensor(t):
+                assert torch.equal(t, b["optimizer"]["state"][k][name])
+    events = [r for r in read_json_log(cut / "log.txt") if r.get("event") == "resume"]
+    assert [(r["epoch"], r["iteration"]) for r in events] == [(1, 2), (1, 3)]
+
+
+@pytest.mark.slow
+def test_different_seed_differs(tmp_path, capsys):
+    """Guards the identity test against a vacuous pass: the weights do depend on the run's randomness."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(TINY + ["--output_dir", str(a), "--max_iters", "1"]) == 0
+    assert main(TINY + ["--output_dir", str(b), "--max_iters", "1", "--seed", "1"]) == 0
+    assert _same_weights(load_checkpoint(a / "checkpoint.pth"), load_checkpoint(b / "checkpoint.pth"))
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_the_result(tmp_path, capsys):
+    """Augmentations are seeded per (seed, epoch, index): 0 or 2 loader workers give the same weights."""
+    a, b = tmp_path / "w0", tmp_path / "w2"
+    assert main(TINY + ["--output_dir", str(a), "--max_iters", "3"]) == 0
+    assert main(TINY + ["--output_dir", str(b), "--max_iters", "3", "--num_workers", "2"]) == 0
+    assert _same_weights(load_checkpoint(a / "checkpoint.pth"), load_checkpoint(b / "checkpoint.pth")) == []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_exit_75_and_resume_identical(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    args = TINY + ["--epochs", "2"]
+    r = _run(args + ["--output_dir", str(ref)])
+    assert r.returncode == 0, r.stderr
+    # SIGTERM arrives during global iteration 2 (epoch 1, first batch): saved after it, at iteration 3
+    r = _run(args + ["--output_dir", str(cut)], {"DINO_SIMPOOL_TEST_SIGNAL_AT": "2"})
+    assert r.returncode == 75, r.stdout + r.stderr
+    ck = load_checkpoint(cut / "checkpoint.pth")
+    assert (ck["epoch"], ck["iteration"], ck["iter_in_epoch"]) == (1, 3, 1)
+    r = _run(args + ["--output_dir", str(cut)])
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "at epoch 1 iteration 3" in r.stdout
+    assert _same_weights(load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(cut / "checkpoint.pth")) == []
+    ev = [r for r in read_json_log(cut / "log.txt") if r.get("event") in ("preempted", "resume")]
+    assert [(e["event"], e["iteration"]) for e in ev] == [("preempted", 3), ("resume", 3)]
+
+
+@pytest.mark.slow
+def test_external_sigusr1_then_resume_identical(tmp_path):
+    """A real signal from outside, at whatever iteration it lands: exit 75, and the resumed run ends identical."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    args = TINY + ["--epochs", "3", "--synthetic_per_class", "4"]  # 5 iterations per epoch, 15 in all
+    assert _run(args + ["--output_dir", str(ref)]).returncode == 0
+    env = {**os.environ, "TQDM_DISABLE": "0", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-u", "-m", "dino_simpool.train", *args, "--output_dir", str(cut)],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:  # wait for the first progress line: training has started, the handler is installed
+        lines.append(line)
+        if line.startswith("epoch 0/3 [1/5]"):
+            p.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = p.communicate(timeout=240)
+    assert p.returncode == 75, "".join(lines) + rest
+    ck = load_checkpoint(cut / "checkpoint.pth")
+    assert 1 <= ck["iteration"] < 15
+    r = _run(args + ["--output_dir", str(cut)])
+    assert r.returncode == 0 and f"iteration {ck['iteration']}" in r.stdout
+    assert _same_weights(load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(cut / "checkpoint.pth")) == []
+
+
+def test_nonfinite_loss_exit_3_keeps_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--output_dir", str(out), "--max_iters", "2"]) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    os.environ["DINO_SIMPOOL_TEST_NAN_AT"] = "3"
+    try:
+        rc = main(TINY + ["--output_dir", str(out)])
+    finally:
+        del os.environ["DINO_SIMPOOL_TEST_NAN_AT"]
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "global step 3" in err
+    assert "bf16" in err and "--clip_grad" in err and "--lr" in err
+    assert (out / "checkpoint.pth").read_bytes() == before  # the last good state is untouched
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 2
+
+
+@pytest.mark.slow
+def test_absurd_lr_stops_with_exit_3(tmp_path, capsys):
+    """No hook: a real divergence (lr 1e30 with SGD) is caught the same way."""
+    out = tmp_path / "run"
+    rc = main(TINY + ["--output_dir", str(out), "--optimizer", "sgd", "--lr", "1e30", "--warmup_epochs", "0",
+                      "--epochs", "2"])
+    assert rc == 3
+    assert "non-finite loss" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_corrupt_jpeg_is_skipped(tmp_path, caplog, capsys):
+    from dino_simpool.data import SyntheticShapes
+    data = tmp_path / "data"
+    SyntheticShapes("train", image_size=32, images_per_class=2).export_imagefolder(data)
+    bad = next((data / "train").iterdir()) / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        rc = main(TINY + ["--data_path", str(data), "--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "0",
+                          "--warmup_teacher_temp_epochs", "0", "--batch_size_per_gpu", "21"])
+    assert rc == 0  # 21 images incl. the corrupt one -> one batch of 21 loads every index once
+    assert "corrupt.jpg" in caplog.text
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--data_path", "/nonexistent/path"], "does not exist"),
+    (["--batch_size_per_gpu", "64"], "not one full batch"),
+])
+def test_bad_data_exit_2(tmp_path, argv, msg, capsys):
+    rc = main(TINY + ["--output_dir", str(tmp_path / "o")] + argv)
+    assert rc == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mismatched_checkpoint_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--output_dir", str(out), "--max_iters", "1"]) == 0
+    rc = main(TINY + ["--output_dir", str(out), "--embed_dim", "64"])
+    assert rc == 2 and "does not match" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_periodic_knn_logged(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(TINY + ["--output_dir", str(out), "--epochs", "1", "--warmup_epochs", "0",
+                      "--warmup_teacher_temp_epochs", "0", "--eval_every", "1", "--nb_knn", "1", "5"])
+    assert rc == 0
+    rec = [r for r in read_json_log(out / "log.txt") if "k-NN" in r]
+    assert len(rec) == 1 and set(rec[0]["k-NN"]) == {"1", "5"}
+    assert 0.0 <= rec[0]["k-NN"]["1"]["top1"] <= 100.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("model_args", [
+    pytest.param(["--arch", "resnet_test"], id="resnet-bn"),
+    pytest.param(TINY_VIT, id="vit-simpool"),
+])
+def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
+    out = tmp_path / "run"
+    args = model_args + TINY_DATA + TINY_OPT + ["--epochs", "1", "--warmup_epochs", "0",
+                                                 "--warmup_teacher_temp_epochs", "0", "--batch_size_per_gpu", "4",
+                                                 "--output_dir", str(out)]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "TQDM_DISABLE": "1", "DINO_SIMPOOL_TEST_DUMP_RANKS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dino_simpool.train", *args],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    t0 = torch.load(out / "teacher_rank0.pth", weights_only=True)
+    t1 = torch.load(out / "teacher_rank1.pth", weights_only=True)
+    assert t0.keys() == t1.keys()
+    assert [k for k in t0 if not torch.equal(t0[k], t1[k])] == []
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert ck["config"]["world_size"] == 2 and ck["iteration"] == 2  # 20 images / 2 ranks / batch 4 -> 2 it/epoch
+    assert len(ck["rng"]["per_rank"]) == 2
+    # the teacher actually changed (EMA of a trained student), and equals what rank 0 saved
+    assert [k for k in t0 if not torch.equal(t0[k], ck["teacher"][k])] == []
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    """The README demo path (train + before/after k-NN) on its --quick setting; not a claim about its accuracy."""
+    from dino_simpool.demo import main as demo_main
+    assert demo_main(["--quick", "--output_dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "random init" in out and "DINO 1 epochs" in out
+    assert (tmp_path / "demo" / "checkpoint.pth").is_file()
