@@ -64,20 +64,15 @@ def knn_top1(backbone: torch.nn.Module, cfg, ks=DEMO_KS) -> dict[int, float]:
     return {k: float(v[0]) for k, v in res.items()}
 
 
-def write_attention_maps(backbone: torch.nn.Module, cfg, out_dir: Path) -> list[Path]:
-    """Hook for issue #8: write a few SimPool attention-map PNGs of the trained teacher into ``out_dir``.
+def write_attention_maps(backbone: torch.nn.Module, cfg, out_dir: Path, num: int = 4) -> list[Path]:
+    """SimPool attention-map PNGs of the trained teacher on a few embedded val images (one per class), plus one
+    picture that stacks them all (``attention/all.png``)."""
+    from eval.attention import embedded_examples, save_attention_pngs, stack_pictures
 
-    Until the attention-map tool lands this writes nothing and returns []. Expected wiring: take a few val images of
-    the embedded dataset, ``backbone.attention_maps(x)["pool"]`` (B, h, w), upsample to the image and save overlays.
-    """
-    try:
-        from eval import attention  # noqa: F401  (issue #8)
-    except ImportError:
-        return []
-    fn = getattr(attention, "demo_attention_pngs", None)
-    if fn is None:
-        return []
-    return list(fn(backbone, cfg, out_dir))
+    images, names = embedded_examples(num, image_size=cfg.synthetic_size)
+    paths = save_attention_pngs(backbone, images, out_dir, image_size=cfg.global_crops_size, threshold=0.6,
+                                names=names)
+    return [*paths, stack_pictures(paths, out_dir / "all.png")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -276,3 +276,26 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "random init" in out and "DINO 1 epochs" in out
     assert (tmp_path / "demo" / "checkpoint.pth").is_file()
+
+
+def test_signal_during_startup_is_honoured(tmp_path):
+    """SIGUSR1 before the first step (while the process group / data / models are set up) must not kill the job:
+    it saves at the first iteration boundary and exits 75, so the launcher can requeue it."""
+    out = tmp_path / "run"
+    code = (
+        "import os, signal, sys\n"
+        "import dino_simpool.distributed as D\n"
+        "orig = D.init_distributed\n"
+        "def early(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return orig(*a, **k)\n"
+        "D.init_distributed = early\n"
+        "from dino_simpool.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, *TINY, "--output_dir", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 75, r.stderr[-2000:]
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert ck["iteration"] == 1 and ck["iter_in_epoch"] == 1

@@ -165,14 +165,20 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None) 
     """Run (or resume) DINO pretraining as configured; returns the process exit code."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.resolve(device_type)
-    env = D.init_distributed(cfg.backend, cfg.dist_url)
+    # Handlers go in first: a SIGUSR1/SIGTERM during start-up (data, models, resume) is then honoured at the first
+    # iteration boundary instead of killing the process with nothing saved.
+    preempt = PreemptionFlag().install()
     try:
-        return _train(cfg, env, on_epoch_end)
+        env = D.init_distributed(cfg.backend, cfg.dist_url)
+        try:
+            return _train(cfg, env, on_epoch_end, preempt)
+        finally:
+            D.cleanup()
     finally:
-        D.cleanup()
+        preempt.restore()
 
 
-def _train(cfg: TrainConfig, env, on_epoch_end) -> int:
+def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     device = D.device_for(env)
     rank, world = D.get_rank(), D.get_world_size()
     main = rank == 0
@@ -316,7 +322,6 @@ def _train(cfg: TrainConfig, env, on_epoch_end) -> int:
     nan_at = _env_int("DINO_SIMPOOL_TEST_NAN_AT")
     signal_at = _env_int("DINO_SIMPOOL_TEST_SIGNAL_AT")
     flags_device = device if (D.is_dist() and dist.get_backend() == "nccl") else torch.device("cpu")
-    preempt = PreemptionFlag().install()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch, start_iter)
@@ -468,7 +473,6 @@ def _train(cfg: TrainConfig, env, on_epoch_end) -> int:
     except Stop as s:
         return s.code
     finally:
-        preempt.restore()
         log.close()
 
 
