@@ -11,15 +11,7 @@ import argparse
 import json
 import sys
 
-
-def _gamma(s: str):
-    v = str(s)
-    if v.lower() in ("none", "default"):
-        return None if v.lower() == "none" else "default"
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gamma must be a number, 'None' or 'default'; got {s!r}") from None
+from dino_simpool.dino.config import float_or_none
 
 
 _UNSET = object()
@@ -37,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which network of the checkpoint: teacher (default) or student")
     p.add_argument("--arch", default=None, help="override the arch stored in the checkpoint (foreign checkpoints)")
     p.add_argument("--pooling", default=None, help="override the pooling stored in the checkpoint")
-    p.add_argument("--gamma", default=_UNSET, type=_gamma, help="override SimPool's gamma")
+    p.add_argument("--gamma", default=_UNSET, type=float_or_none, help="override SimPool's gamma")
     p.add_argument("--patch_size", default=None, type=int)
     p.add_argument("--depth", default=None, type=int)
     p.add_argument("--embed_dim", default=None, type=int)

@@ -43,6 +43,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dino_simpool.dino.config import bool_flag, float_or_none
+
 DEFAULT_KS = (10, 20, 100, 200)
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 BACKENDS = ("faiss", "torch")
@@ -338,27 +340,6 @@ def knn_classify(
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------
-def _bool_flag(s: str) -> bool:
-    v = str(s).lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false); got {s!r}")
-
-
-def _gamma(s: str):
-    v = str(s)
-    if v.lower() == "none":
-        return None
-    if v.lower() == "default":
-        return "default"
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gamma must be a number, 'None' or 'default'; got {s!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "dino-simpool-knn",
@@ -371,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=["official", "simpool"],
                    help="SimPool compat alias: official = --pooling cls, simpool = --pooling simpool")
     p.add_argument("--pooling", default=None, type=str, help="pooling (default: from the checkpoint, else simpool)")
-    p.add_argument("--gamma", default=_UNSET, type=_gamma, help="SimPool gamma: a float, 'None' (no power) or 'default'")
+    p.add_argument("--gamma", default=_UNSET, type=float_or_none, help="SimPool gamma: a float, 'None' (no power) or 'default'")
     p.add_argument("--patch_size", default=None, type=int, help="ViT patch size (default: from the checkpoint, else 16)")
     p.add_argument("--depth", default=None, type=int, help="ViT depth override (tiny test models)")
     p.add_argument("--embed_dim", default=None, type=int, help="ViT width override (tiny test models)")
@@ -379,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size_per_gpu", default=128, type=int)
     p.add_argument("--nb_knn", default=list(DEFAULT_KS), nargs="+", type=int, help="k values (one search serves all)")
     p.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(sim / T)")
-    p.add_argument("--use_cuda", default=True, type=_bool_flag, nargs="?", const=True,
+    p.add_argument("--use_cuda", default=True, type=bool_flag, nargs="?", const=True,
                    help="use the GPU (model and search) when one is present; false keeps everything on the CPU")
     p.add_argument("--num_workers", default=10, type=int)
     p.add_argument("--dump_features", default=None, type=str, help="save features, labels and class names to this folder")

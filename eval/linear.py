@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dino_simpool import distributed as du
+from dino_simpool.dino.config import bool_flag, float_or_none
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
 from .linear_heads import (
@@ -55,27 +56,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _gamma(value: str):
-    v = str(value).strip().lower()
-    if v in ("none", "null"):
-        return None
-    if v == "default":
-        return "default"
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gamma takes a number, 'none' or 'default'; got {value!r}") from None
-
-
-def _bool(value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false); got {value!r}")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser("dino-simpool-linear", description="Linear probe of a frozen backbone (DINO protocol + many heads).")
     m = p.add_argument_group("model (flags left unset come from the checkpoint's stored config when it has one)")
@@ -84,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--mode", default=None, choices=["official", "simpool"],
                    help="official = DINO's pooling ([CLS] for ViTs, global average for CNNs); simpool = SimPool")
     m.add_argument("--pooling", default=None, help="any registry pooling (wins over --mode)")
-    m.add_argument("--gamma", type=_gamma, default=None, help="SimPool gamma: a number, 'none' or 'default'")
+    m.add_argument("--gamma", type=float_or_none, default=None, help="SimPool gamma: a number, 'none' or 'default'")
     m.add_argument("--patch_size", type=int, default=None)
     m.add_argument("--depth", type=int, default=None, help="tiny-model override (tests, random-init probes)")
     m.add_argument("--embed_dim", type=int, default=None, help="tiny-model override")
@@ -94,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("features")
     f.add_argument("--n_last_blocks", type=int, default=None,
                    help="concatenate the last n blocks' [CLS]/pooled vectors (default 4 for ViTs, as DINO; 1 for CNNs)")
-    f.add_argument("--avgpool_patchtokens", type=_bool, nargs="?", const=True, default=False,
+    f.add_argument("--avgpool_patchtokens", type=bool_flag, nargs="?", const=True, default=False,
                    help="append the mean patch token of the last block (ViTs)")
     f.add_argument("--feature_sets", nargs="+", default=None,
                    help="heads' feature sets: last<N> or last<N>_avgpool (default: from --n_last_blocks/--avgpool_patchtokens)")

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dino_simpool.dino.config import float_or_none
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -126,25 +128,13 @@ def patch_features(model, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int
 _UNSET = object()
 
 
-def _gamma(s: str):
-    v = str(s)
-    if v.lower() == "none":
-        return None
-    if v.lower() == "default":
-        return "default"
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gamma must be a number, 'None' or 'default'; got {s!r}") from None
-
-
 def add_model_args(p: argparse.ArgumentParser, weights_flags=("--pretrained_weights",)) -> None:
     p.add_argument(*weights_flags, dest="pretrained_weights", default="", type=str,
                    help="training checkpoint, export folder or weight file; empty = RANDOM INIT (a baseline)")
     p.add_argument("--checkpoint_key", default="teacher", type=str, help="teacher (default) or student")
     p.add_argument("--arch", default=None, type=str, help="backbone (default: from the checkpoint, else vit_small)")
     p.add_argument("--pooling", default=None, type=str, help="pooling (default: from the checkpoint, else simpool)")
-    p.add_argument("--gamma", default=_UNSET, type=_gamma, help="SimPool gamma: a float, 'None' or 'default'")
+    p.add_argument("--gamma", default=_UNSET, type=float_or_none, help="SimPool gamma: a float, 'None' or 'default'")
     p.add_argument("--patch_size", default=None, type=int, help="ViT patch size (default: from the checkpoint)")
     p.add_argument("--depth", default=None, type=int, help="ViT depth override (tiny models)")
     p.add_argument("--embed_dim", default=None, type=int, help="ViT width override (tiny models)")

@@ -32,9 +32,9 @@ def bool_flag(s: Any) -> bool:
     if isinstance(s, bool):
         return s
     v = str(s).strip().lower()
-    if v in {"off", "false", "0"}:
+    if v in {"off", "false", "0", "no"}:
         return False
-    if v in {"on", "true", "1"}:
+    if v in {"on", "true", "1", "yes"}:
         return True
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (use True or False)")
 
