@@ -1,3 +1,4 @@
+import colorsys
 import json
 import logging
 import os
@@ -100,28 +101,47 @@ def _ridge_accuracy(xt, yt, xv, yv, k, lam=10.0):
     return float(((xv @ w).argmax(1) == yv).mean())
 
 
-def test_shape_is_the_signal_not_colour():
-    """Shape separates the classes (edge map inside the box, linear classifier), colour statistics do not."""
+def _colour_features(imgs, masks=None):
+    """Per-image mean colour and a coarse joint colour histogram (of the pixels in ``masks`` when given)."""
+    out = []
+    for k, im in enumerate(imgs):
+        px = im.reshape(-1, 3) if masks is None else im[masks[k]]
+        q = (px // 86).astype(np.int64)
+        hist = np.bincount(q[:, 0] * 9 + q[:, 1] * 3 + q[:, 2], minlength=27) / q.shape[0]
+        out.append(np.concatenate([px.mean(0) / 255, hist]))
+    return np.stack(out).astype(np.float32)
+
+
+def test_shape_and_appearance_are_class_signals():
+    """Shape separates the classes (edge map inside the box, linear classifier); the object's colour is a class cue
+    (its mean hue sits within +-0.05 of class_index / 10), while the background alone says nothing about the class."""
     tr = SyntheticShapes("train", image_size=32, images_per_class=25)
     va = SyntheticShapes("val", image_size=32, images_per_class=12)
-    renders_t = [tr.render(i)[0] for i in range(len(tr))]
-    renders_v = [va.render(i)[0] for i in range(len(va))]
     yt, yv = np.array(tr.targets), np.array(va.targets)
     shape_t = np.stack([_box_crop_edges(tr, i) for i in range(len(tr))]).astype(np.float32)
     shape_v = np.stack([_box_crop_edges(va, i) for i in range(len(va))]).astype(np.float32)
     acc_shape = _ridge_accuracy(shape_t, yt, shape_v, yv, 10)
 
-    def colour(imgs):  # per-image mean colour and a coarse joint colour histogram
-        out = []
-        for im in imgs:
-            q = (im.reshape(-1, 3) // 86).astype(np.int64)
-            hist = np.bincount(q[:, 0] * 9 + q[:, 1] * 3 + q[:, 2], minlength=27) / q.shape[0]
-            out.append(np.concatenate([im.reshape(-1, 3).mean(0) / 255, hist]))
-        return np.stack(out).astype(np.float32)
-    acc_colour = _ridge_accuracy(colour(renders_t), yt, colour(renders_v), yv, 10)
-    print(f"linear probe accuracy: shape features {acc_shape:.2f}, colour features {acc_colour:.2f}")
+    def split(ds):  # renders, background masks (object coverage < 0.5 and away from the object's rim)
+        imgs = [ds.render(i)[0] for i in range(len(ds))]
+        return imgs, [ds.coverage(i) < 0.01 for i in range(len(ds))]
+    imgs_t, bg_t = split(tr)
+    imgs_v, bg_v = split(va)
+    acc_bg = _ridge_accuracy(_colour_features(imgs_t, bg_t), yt, _colour_features(imgs_v, bg_v), yv, 10)
+    acc_colour = _ridge_accuracy(_colour_features(imgs_t), yt, _colour_features(imgs_v), yv, 10)
+
+    hue_ok = []
+    for i in range(len(va)):
+        obj = imgs_v[i][va.coverage(i) > 0.5].astype(np.float64).mean(0) / 255
+        hue = colorsys.rgb_to_hsv(*obj)[0]
+        c = SHAPES.index(va.classes[va.targets[i]])
+        hue_ok.append(abs((hue - c / 10 + 0.5) % 1.0 - 0.5) <= 0.05)
+    print(f"linear probe accuracy: shape {acc_shape:.2f}, image colour {acc_colour:.2f}, background colour "
+          f"{acc_bg:.2f}; object hue within 0.05 of its class hue: {np.mean(hue_ok):.2f}")
     assert acc_shape >= 0.35, acc_shape        # chance is 0.10
-    assert acc_colour <= 0.25, acc_colour
+    assert acc_colour >= 0.5, acc_colour
+    assert acc_bg <= 0.25, acc_bg
+    assert np.mean(hue_ok) >= 0.95, np.mean(hue_ok)
 
 
 # ------------------------------------------------------------------------------------------------ export / folder
