@@ -147,7 +147,7 @@ SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
@@ -260,18 +260,15 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
 
-    def wait_job(self, job_id: str, timeout: float = 120, skip_requeue_hold: bool = True) -> dict[str, str]:
-        """Poll until the job ends (no sacct here). Slurm holds a requeued job about 2 minutes (BeginTime);
-        ``skip_requeue_hold`` releases it at once with ``scontrol update StartTime=now``."""
+    def wait_job(self, job_id: str, timeout: float = 120) -> dict[str, str]:
+        """Poll until the job ends (no sacct here). A requeued job waits ``cred_expire`` (10 s in this test cluster's
+        slurm.conf, Slurm's default 120 s) before it may start again: until then slurmd still holds the revoked
+        credential of the previous run and would refuse the launch (forcing ``StartTime=now`` made it fail)."""
         deadline = time.time() + timeout
         info: dict[str, str] = {}
         while time.time() < deadline:
             info = self.job_info(job_id)
-            state = info.get("JobState", "")
-            if state in TERMINAL_STATES:
+            if info.get("JobState", "") in TERMINAL_STATES:
                 return info
-            if (skip_requeue_hold and state == "PENDING" and info.get("Reason") == "BeginTime"
-                    and int(info.get("Restarts", "0")) > 0):
-                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} did not end within {timeout:.0f} s; last state {info}")

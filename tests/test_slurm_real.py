@@ -129,7 +129,7 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, uninterrupted):
     info = slurm.wait_job(job, timeout=300)
     log = slurm_log(out, "dino-train", job)
     print(f"[slurm] preempted + requeued 2-task pretraining: {time.time() - t0:.1f} s")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
     assert int(info["Restarts"]) == 1, info
     assert "batch shell got SIGUSR1" in log
     assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
