@@ -8,13 +8,6 @@ from dino_simpool.data import SyntheticShapes
 from dino_simpool.dino import augment as A
 from dino_simpool.dino.augment import MultiCropAugmentation, blur_kernel_size, eval_transform
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors: extra intra-op threads only spin (10x slower on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -11,13 +11,6 @@ from PIL import Image
 from dino_simpool.data import (SHAPES, DataError, IndexedDataset, SafeImageFolder, SyntheticShapes, build_dataset,
                                load_boxes_json)
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors: extra intra-op threads only spin (10x slower on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

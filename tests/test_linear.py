@@ -22,14 +22,6 @@ from eval import linear
 from eval.linear_heads import FeatureExtractor, LinearHeads, cosine_lr, make_specs, parse_feature_set, topk_correct
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------------- stand-ins
 class TinyViT(nn.Module):
