@@ -5,6 +5,7 @@ world size, master address and port.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -185,6 +186,9 @@ def init_distributed(
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    # A process that ends on an uncaught exception would otherwise tear gloo down during interpreter shutdown, where
+    # a peer that has already gone makes it abort (exit 134 instead of the traceback's 1).
+    atexit.register(cleanup)
     if os.environ.get("DINO_SIMPOOL_LOG_RANKS"):  # set by the Slurm launcher's script: one line per rank in the log
         print(f"[rank {env.rank}/{env.world_size}] process group up: {backend}, host {socket.gethostname()}, "
               f"local rank {env.local_rank}, master {env.master_addr}:{env.master_port} (from {env.source})",
@@ -222,5 +226,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    """Destroy the process group if one is up; safe to call more than once."""
     if is_dist():
         dist.destroy_process_group()
