@@ -26,7 +26,7 @@ import torch
 #   this config: 32.2/32.6 -> 54.0/51.0;  same with out_dim 256 and momentum 0.996: -> 38.8/37.4;
 #   15 epochs: -> 37.8/35.6 (random 31.0/33.2, a draft of the cues); the earlier 3-block 96-wide config (8 epochs of
 #   2000 images, 248 steps): 37.4 -> 37.6 at k=20. With class-independent colours/textures (the earlier dataset)
-#   every configuration tried stayed at chance (10-12%). Full figures: docs/sections/15-demo.md.
+#   every configuration tried stayed at chance (10-12%). Full figures: README.md, "The demo".
 DEMO_FLAGS: dict[str, object] = {
     "arch": "vit_tiny", "depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 4, "pooling": "simpool",
     "gamma": 1.25,
