@@ -11,7 +11,18 @@ setup() {
   local stamp="$VENV/.installed"
   if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ]; then return 0; fi
   echo "[dev.sh] creating $VENV and installing dino-simpool with its dev extra (about 1-2 min the first time)"
-  "$PY" -m venv "$VENV"
+  if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian's python3 ships without ensurepip unless python3-venv is installed
+    rm -rf "$VENV"
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+      echo "[dev.sh] '$PY -m venv' failed (no ensurepip): installing python3-venv with apt-get"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      "$PY" -m venv "$VENV"
+    else
+      echo "[dev.sh] '$PY -m venv' failed: install your distribution's venv package (Debian: sudo apt-get install python3-venv) and run this again" >&2
+      exit 1
+    fi
+  fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[dev]'
   touch "$stamp"

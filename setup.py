@@ -18,8 +18,8 @@ setup(
     install_requires=[
         # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
-        "torch>=2.3",
-        "torchvision>=0.18",
+        "torch>=2.5",  # torch.serialization.get_unsafe_globals_in_checkpoint (weights_only loading)
+        "torchvision>=0.20",
         "timm>=1.0.9",
         "faiss-cpu>=1.8",
         "tensorboard>=2.14",

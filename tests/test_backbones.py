@@ -316,6 +316,8 @@ def test_pool_options_pass_through():
         ("vit_small", dict(compat="yes"), "compat"),
         ("vit_small", dict(embed_dim=30, num_heads=4), "divisible"),
         ("vit_small", dict(img_size=30, patch_size=8), "multiple"),
+        ("resnet50", dict(pooling="otk", reduce="flatten"), "k\\*d wide"),
+        ("vit_small", dict(img_size=(32, 24), patch_size=8, compat="official"), "not square"),
     ],
 )
 def test_bad_options_raise_value_error(arch, kw, match):
@@ -354,3 +356,39 @@ def test_compat_official_switches_min_and_pos_embed():
     torch.testing.assert_close(m(x), ours)
     alone = torch.cat([m(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(alone, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_min_over_option_survives_compat_switches():
+    m = tiny(min_over="batch")
+    assert m.pool.min_over == "batch"
+    m.set_compat("official")
+    m.set_compat(None)
+    assert m.pool.min_over == "batch" and build_backbone(**m.config).pool.min_over == "batch"
+
+
+@pytest.mark.parametrize("arch", ["vit_small", *TINY_CNNS])
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(3, 32, 32), "add the batch axis"),
+    (torch.randn(2, 1, 32, 32), "3 colour channels"),
+    (torch.randn(2, 32, 32, 3), "channels-last"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating-point"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float16), "dtype"),
+])
+def test_bad_inputs_give_one_clear_error(arch, x, match):
+    m = tiny(arch)
+    for call in (m, m.forward_features, m.attention_maps):
+        with pytest.raises(ValueError, match=match):
+            call(x)
+
+
+def test_too_small_inputs_name_the_minimum():
+    with pytest.raises(ValueError, match="at least 32 px"):
+        tiny("convnext_test")(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least 8 px"):
+        tiny()(torch.randn(2, 3, 0, 8))
+
+
+def test_low_precision_input_is_fine_under_autocast():
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(m(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).float()).all()

@@ -352,3 +352,16 @@ def test_pooling_options_lists_constructor_keywords():
     assert pooling_options("simpool") == [
         "num_heads", "qkv_bias", "qk_scale", "gamma", "use_beta", "eps", "min_over", "init"]
     assert pooling_options("gap") == []
+
+
+@pytest.mark.parametrize("name", ["simpool", "gap", "gem", "slot"])
+def test_wrong_width_empty_or_integer_input_is_a_clear_error(name):
+    m = build_pooling(name, 32)
+    with pytest.raises(ValueError, match="dim=32 .* d=64"):
+        m(torch.randn(2, 16, 64))
+    with pytest.raises(ValueError, match="channels-last"):
+        m(torch.randn(2, 4, 4, 32))  # (B, H, W, d) read as (B, d=4, ...)
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.randn(2, 0, 32))
+    with pytest.raises(ValueError, match="floating-point"):
+        m(torch.zeros(2, 16, 32, dtype=torch.long))

@@ -131,6 +131,22 @@ def test_finite_grads_under_bf16_autocast(heads, gamma):
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 result close to fp32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_power_mean_is_computed_in_fp32_under_autocast(dtype):
+    """(a · (v - min + eps)^γ)^(1/γ) in low precision loses several ulps; in fp32 it is the float64 value, rounded."""
+    m = SimPool(64, gamma=1.25)
+    g = torch.Generator().manual_seed(0)
+    attn = (torch.randn(8, 1, 1, 196, generator=g) * 3).softmax(-1)
+    v = (torch.randn(8, 1, 196, 64, generator=g) * 2).to(dtype)
+    v64 = v.double()
+    ref = (attn.double() @ (v64 - v64.amin(dim=(1, 2, 3), keepdim=True) + 1e-6).pow(1.25)).pow(0.8)
+    with torch.autocast("cpu", dtype=dtype):
+        out = m._power_mean(attn, v)
+    assert out.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.abs()
+    assert ((out.double() - ref).abs() <= ulp).all()  # within one rounding of the exact value
+
+
 def test_pure_low_precision_module_runs_power_mean_in_fp32():
     """The official fp32 eps tensor broke pure fp16 models; here a bf16 module on bf16 input just works."""
     m = SimPool(D, num_heads=2, gamma=2.0, use_beta=True)

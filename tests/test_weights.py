@@ -43,7 +43,7 @@ def to_official_vit(sd):
     return out
 
 
-def official_training_checkpoint(backbone_sd, ddp_teacher=False, extra_head=True):
+def official_training_checkpoint(backbone_sd, ddp_teacher=False, extra_head=True, arch="vit_small", gamma=1.25):
     """A DINO/SimPool ``main_dino`` checkpoint: teacher/student, ``module.``/``backbone.`` prefixes, an
     ``argparse.Namespace`` under ``args``."""
     head = {"head.mlp.0.weight": torch.randn(8, 4), "head.last_layer.weight_g": torch.ones(16, 1)} if extra_head else {}
@@ -51,7 +51,7 @@ def official_training_checkpoint(backbone_sd, ddp_teacher=False, extra_head=True
     teacher = {("module." + k if ddp_teacher else k): v for k, v in wrapped.items()}
     student = {"module." + k: v.clone() + 1.0 for k, v in wrapped.items()}  # must not be the one loaded
     return {"teacher": teacher, "student": student, "optimizer": {}, "epoch": 3,
-            "args": argparse.Namespace(arch="vit_small", mode="simpool", gamma=1.25),
+            "args": argparse.Namespace(arch=arch, mode="simpool", gamma=gamma),
             "dino_loss": {"center": torch.zeros(1, 16)}}
 
 
@@ -60,20 +60,24 @@ def official_training_checkpoint(backbone_sd, ddp_teacher=False, extra_head=True
 # written from the reference description: pos-embed resampled with the +0.1 offset whenever tokens-1 != N (always, as
 # there is no class token), explicit attention, SimPool with the batch-wide min, beta, then the final LayerNorm.
 # ---------------------------------------------------------------------------------------------------------------------
-def official_simpool_vit_forward(sd, x, patch, heads, gamma, eps=1e-6):
-    b, _, img_h, img_w = x.shape
+def official_vit_forward(sd, x, patch, heads, gamma=None, eps=1e-6, mode="simpool"):
+    """mode "simpool": the SimPool ViT (output: norm(SimPool(tokens))); "official": DINO's (output: norm(x)[:, 0])."""
+    b, _, img_h, img_w = x.shape  # DINO names these (w, h): w0 = x.shape[2] // patch is the number of rows
     d = sd["pos_embed"].shape[-1]
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     t = t.flatten(2).transpose(1, 2)
+    if mode == "official":
+        t = torch.cat([sd["cls_token"].expand(b, -1, -1), t], dim=1)
     pos = sd["pos_embed"]
-    n_stored = pos.shape[1]
-    npatch = t.shape[1] - 1  # the quirk: counts one class token that simpool mode does not have
+    n_prefix = 1 if mode == "official" else 0
+    n_stored = pos.shape[1] - n_prefix  # stored patch positions
+    npatch = t.shape[1] - 1  # the quirk: in simpool mode this counts a class token that is not there
     if not (npatch == n_stored and img_h == img_w):
         side = n_stored ** 0.5
-        grid = pos.reshape(1, int(side), int(side), d).permute(0, 3, 1, 2)
+        grid = pos[:, n_prefix:].reshape(1, int(side), int(side), d).permute(0, 3, 1, 2)
         h0, w0 = img_h // patch + 0.1, img_w // patch + 0.1
         grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
-        pos = grid.permute(0, 2, 3, 1).reshape(1, -1, d)
+        pos = torch.cat([pos[:, :n_prefix], grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
     t = t + pos
     n = t.shape[1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -89,6 +93,8 @@ def official_simpool_vit_forward(sd, x, patch, heads, gamma, eps=1e-6):
         y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
                      sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
         t = t + y
+    if mode == "official":
+        return F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"], 1e-6)[:, 0]
     # SimPool: GAP query on raw tokens, keys/values = LN(tokens), batch-wide min, power mean, + beta
     u0 = t.mean(1, keepdim=True)
     xn = F.layer_norm(t, (d,), sd["simpool.norm_patches.weight"], sd["simpool.norm_patches.bias"], 1e-6)
@@ -119,7 +125,7 @@ def test_official_simpool_vit_parity(tmp_path, gamma):
     for h, w in ((32, 32), (16, 16), (32, 24)):
         x = torch.randn(4, 3, h, w, generator=g) * torch.tensor([0.3, 1.0, 2.0, 5.0]).view(4, 1, 1, 1)
         with torch.no_grad():
-            ref = official_simpool_vit_forward(official_sd, x, 8, 2, gamma)
+            ref = official_vit_forward(official_sd, x, 8, 2, gamma)
             torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
             # the compat switch is what makes it match (pos-embed resampling even at 32 px, batch-wide min)
             model.set_compat(None)
@@ -159,14 +165,35 @@ def test_dino_vit_round_trip(tmp_path, layout):
     torch.save(obj, path)
     model = build_backbone("vit_small", pooling="cls", **VIT).eval()
     report = load_pretrained(model, path)
-    assert report["format"] == "dino" and report["compat"] is None
+    assert report["format"] == "dino" and report["compat"] == "official"
     x = torch.randn(2, 3, 32, 24)
-    torch.testing.assert_close(model(x), src(x))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_vit_forward(dino_sd, x, 8, 2, mode="official"),
+                                   atol=1e-5, rtol=1e-5)
     if layout != "plain":
         assert report["stripped_prefixes"][-1] == "backbone." and report["checkpoint_key"] == "teacher"
         student = build_backbone("vit_small", pooling="cls", **VIT).eval()
         load_pretrained(student, path, checkpoint_key="student")
-        assert not torch.allclose(student(x), src(x))
+        assert not torch.allclose(student(x), model(x))
+
+
+def test_dino_vit_features_equal_dino_at_every_crop_size(tmp_path):
+    """DINO's interpolate_pos_encoding (bicubic, +0.1) away from the stored grid; at the stored grid, no resampling.
+    timm's resampling (antialiased, no offset) differs there, which is what makes this test able to fail."""
+    src = randomize(build_backbone("vit_small", pooling="cls", **VIT)).eval()
+    dino_sd = {k[len("encoder."):]: v for k, v in src.state_dict().items()}
+    path = tmp_path / "dino.pth"
+    torch.save(official_training_checkpoint(dino_sd), path)
+    model, report = build_backbone_from_checkpoint(path, num_heads=2, arch="vit_small")
+    assert report["compat"] == "official"
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((32, 32), (16, 16), (48, 48), (24, 40)):
+        x = torch.randn(2, 3, h, w, generator=g)
+        with torch.no_grad():
+            ref = official_vit_forward(dino_sd, x, 8, 2, mode="official")
+            torch.testing.assert_close(model.eval()(x), ref, atol=1e-5, rtol=1e-5)
+            if (h, w) != (32, 32):
+                assert (src(x) - ref).abs().max() > 1e-4  # timm's resampling is not DINO's
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -206,7 +233,7 @@ def test_official_simpool_resnet_round_trip(tmp_path):
     sd = {("simpool." + k[5:] if k.startswith("pool.") else k[len("encoder."):]): v for k, v in src.state_dict().items()}
     sd["fc.weight"], sd["fc.bias"] = torch.randn(5, 96), torch.randn(5)  # classifier left in by the official code
     path = tmp_path / "resnet.pth"
-    torch.save(official_training_checkpoint(sd, ddp_teacher=True), path)
+    torch.save(official_training_checkpoint(sd, ddp_teacher=True, arch="resnet50", gamma=2.0), path)
     model = build_backbone("resnet_test", pooling="simpool").eval()
     report = load_pretrained(model, path)
     assert report["format"] == "simpool_official" and model.pool.min_over == "batch"
@@ -214,6 +241,50 @@ def test_official_simpool_resnet_round_trip(tmp_path):
     x = torch.randn(3, 3, 64, 64)
     src.set_compat("official")
     torch.testing.assert_close(model(x), src(x))
+
+
+@pytest.mark.parametrize("stored", [None, "None", 3.0])
+def test_official_cnn_gamma_comes_from_the_training_args(tmp_path, stored):
+    """γ is not in the weights; official CNN checkpoints carry it in ``args`` (passed to student and teacher)."""
+    gamma = None if stored in (None, "None") else stored
+    src = randomize(build_backbone("resnet_test", pooling="simpool", gamma=gamma)).eval()
+    sd = {("simpool." + k[5:] if k.startswith("pool.") else k[len("encoder."):]): v for k, v in src.state_dict().items()}
+    ck = official_training_checkpoint(sd)
+    ck["args"] = argparse.Namespace(arch="resnet50", mode="simpool", gamma=stored)
+    path = tmp_path / "resnet.pth"
+    torch.save(ck, path)
+    model, report = build_backbone_from_checkpoint(path)
+    assert model.config["gamma"] == gamma and "from the checkpoint's training args" in report["config_source"]
+    src.set_compat("official")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x))
+    assert build_backbone_from_checkpoint(path, gamma=1.5)[0].config["gamma"] == 1.5  # a flag still wins
+
+
+def test_official_vit_teacher_keeps_gamma_1_25_student_takes_args(tmp_path):
+    """The official ViT teacher is built without γ (always 1.25, simpool.md's teacher-γ bug); the student uses
+    ``args.gamma``."""
+    src = randomize(build_backbone("vit_small", **VIT))
+    ck = official_training_checkpoint(to_official_vit(src.state_dict()))
+    ck["args"] = argparse.Namespace(arch="vit_small", mode="simpool", gamma=2.0)
+    path = tmp_path / "vit.pth"
+    torch.save(ck, path)
+    assert build_backbone_from_checkpoint(path, arch="vit_small", num_heads=2)[0].config["gamma"] == 1.25
+    student, report = build_backbone_from_checkpoint(path, "student", arch="vit_small", num_heads=2)
+    assert student.config["gamma"] == 2.0 and "gamma=2.0" in report["config_source"]
+
+
+def test_dino_torchvision_resnet_format(tmp_path):
+    """DINO's ResNet-50 backbone file: torchvision keys, ``fc`` removed (Identity): loads as GAP, same features."""
+    t = randomize(timm.create_model("test_resnet", pretrained=False, num_classes=0)).eval()
+    path = tmp_path / "dino_resnet.pth"
+    torch.save({k: v for k, v in t.state_dict().items() if not k.startswith("fc.")}, path)
+    model, report = build_backbone_from_checkpoint(path)
+    assert report["format"] == "dino" and model.config["pooling"] == "gap" and report["compat"] is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), t(x))
 
 
 def timm_convnext_to_fb(k):
@@ -240,7 +311,7 @@ def test_official_simpool_convnext_round_trip(tmp_path):
     assert "downsample_layers.1.1.weight" in sd and "stages.3.1.pwconv2.weight" in sd and "norm.weight" in sd
     sd["head.weight"], sd["head.bias"] = torch.randn(1, 64), torch.randn(1)  # official num_classes=1 head
     path = tmp_path / "convnext.pth"
-    torch.save(official_training_checkpoint(sd), path)
+    torch.save(official_training_checkpoint(sd, arch="convnext_small", gamma=2.0), path)
     model = build_backbone("convnext_test", pooling="simpool").eval()
     report = load_pretrained(model, path)
     assert report["format"] == "simpool_official" and model.compat == "official"
@@ -249,7 +320,7 @@ def test_official_simpool_convnext_round_trip(tmp_path):
     torch.testing.assert_close(model(x), src(x))
     # the arch, pooling and compat can be read off the keys alone
     built, rep = build_backbone_from_checkpoint(path)
-    assert rep["config_source"] == "inferred"
+    assert rep["config_source"] == "inferred (gamma=2.0 from the checkpoint's training args)"
     assert (built.config["arch"], built.config["pooling"], built.compat) == ("convnext_test", "simpool", "official")
     torch.testing.assert_close(built.eval()(x), src(x))
 
@@ -308,7 +379,7 @@ def test_infer_config_from_foreign_keys(tmp_path):
     with pytest.raises(ValueError, match="arch"):
         build_backbone_from_checkpoint(path)
     model, report = build_backbone_from_checkpoint(path, arch="vit_small", num_heads=2)
-    assert report["config_source"] == "inferred" and model.config == src.config
+    assert report["config_source"] == "inferred" and model.config == {**src.config, "compat": "official"}
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), src(x))
 

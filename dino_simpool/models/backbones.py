@@ -112,11 +112,36 @@ class Backbone(nn.Module):
         if compat not in COMPATS:
             raise ValueError(f"compat must be one of {COMPATS}; got {compat!r}")
         if isinstance(self.pool, SimPool):
-            self.pool.min_over = "batch" if compat == "official" else "sample"
+            self.pool.min_over = "batch" if compat == "official" else self.config.get("min_over", "sample")
         self.config["compat"] = compat
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    #: the smallest input side that survives the encoder's strides (ViT: its patch size)
+    min_input_size: int = 1
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """One clear error for the inputs that would otherwise fail deep inside torch or timm."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.config['arch']} expects a tensor of images (B, 3, H, W); got {type(x).__name__}")
+        if x.ndim != 4:
+            hint = " (one image? add the batch axis: x[None])" if x.ndim == 3 else ""
+            raise ValueError(f"{self.config['arch']} expects images (B, 3, H, W); got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != 3:
+            hint = " (channels-last? permute(0, 3, 1, 2))" if x.shape[-1] == 3 else ""
+            raise ValueError(f"{self.config['arch']} expects 3 colour channels in axis 1; got shape "
+                             f"{tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.config['arch']} expects floating-point images (normalised, e.g. from "
+                             f"ToTensor + Normalize); got dtype {x.dtype}")
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f"{self.config['arch']} needs images of at least {self.min_input_size} px a side; "
+                             f"got {x.shape[-2]}x{x.shape[-1]}")
+        param = next(self.parameters(), None)
+        if (param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"input dtype {x.dtype} differs from the model's {param.dtype}: cast the input "
+                             f"(x.to({param.dtype})) or run under torch.autocast")
 
     def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -142,7 +167,8 @@ class ViTBackbone(Backbone):
     def __init__(self, config: dict[str, Any], arch_cfg: dict[str, int], pool_options: dict[str, Any]):
         super().__init__(config)
         pooling, norm_order = config["pooling"], config["norm_order"]
-        needs_token = pooling in ("cls", "gap")  # the paper's GAP row keeps the class token
+        # [CLS] and the poolings flagged needs_token get a class token; the paper's GAP row keeps one too
+        needs_token = pooling in ("cls", "gap") or get_pooling_entry(pooling).needs_token
         self.encoder = _ViT(
             img_size=config["img_size"],
             patch_size=config["patch_size"],
@@ -162,6 +188,7 @@ class ViTBackbone(Backbone):
         self.num_heads = arch_cfg["num_heads"]
         self.depth = arch_cfg["depth"]
         self.patch_size = config["patch_size"]
+        self.min_input_size = self.patch_size
         self.norm_order = norm_order
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         if pooling == "cls":
@@ -181,6 +208,7 @@ class ViTBackbone(Backbone):
 
     # -- token path -------------------------------------------------------------------------------------------------
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        self._check_input(x)
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
@@ -322,6 +350,8 @@ class CNNBackbone(Backbone):
         self.encoder = timm.create_model(timm_name, pretrained=False, **kwargs)
         self.embed_dim = self.encoder.num_features
         self.patch_size = int(self.encoder.feature_info[-1]["reduction"])
+        if family == "convnext":  # its 2x2 downsampling convolutions need every stage at least 2 px wide
+            self.min_input_size = self.patch_size
         pooling = config["pooling"]
         opts: dict[str, Any] = {}
         if pooling == "simpool":
@@ -339,6 +369,7 @@ class CNNBackbone(Backbone):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, d, h, w) (ConvNeXt: before the final norm)."""
+        self._check_input(x)
         return self.encoder.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -395,6 +426,9 @@ def build_backbone(
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if pool_options.get("reduce") == "flatten":
+        raise ValueError("reduce='flatten' makes the pooled vector k*d wide, but a backbone's embedding is d wide "
+                         "(its norm and the heads are built for d): use reduce='mean' or 'project'")
     if not isinstance(pooling, str):
         raise ValueError(f"pooling must be a registry name, 'cls' or 'gap'; got {pooling!r}")
     pooling = pooling.lower()
@@ -431,6 +465,9 @@ def build_backbone(
         sizes = img_size if isinstance(img_size, tuple) else (img_size, img_size)
         if any((not isinstance(s, int)) or s < patch_size or s % patch_size for s in sizes):
             raise ValueError(f"img_size {img_size!r} must be a multiple of patch_size={patch_size}")
+        if compat == "official" and sizes[0] != sizes[1]:
+            raise ValueError(f"compat='official' reproduces the official square position-embedding grid; "
+                             f"img_size {img_size!r} is not square (use one size, e.g. img_size={sizes[0]})")
         return ViTBackbone(config, arch_cfg, pool_options)
     for key, val in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
         if val is not None:

@@ -29,6 +29,8 @@ only ``argparse.Namespace`` (stored by the official training scripts) is admitte
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import re
@@ -248,6 +250,9 @@ def _load_into(model: Backbone, obj: Any, path, checkpoint_key: str | None, comp
         if fmt == "simpool_official":
             model.set_compat("official")
             notes.append("compat='official': batch-wide SimPool min" + (" and official pos-embed resampling" if model.is_vit else ""))
+        elif fmt == "dino" and model.is_vit:  # DINO's interpolate_pos_encoding at sizes other than the stored grid
+            model.set_compat("official")
+            notes.append("compat='official': DINO's pos-embed resampling at sizes other than the stored grid")
     else:
         model.set_compat(compat)
     return {
@@ -266,8 +271,8 @@ def load_pretrained(model: Backbone, path, checkpoint_key: str | None = "teacher
     """Load weights from ``path`` (any format in the module docstring) into ``model``, strictly.
 
     ``checkpoint_key`` picks the entry of a training checkpoint (``teacher``/``student``); plain state dicts are used
-    as they are. ``compat="auto"`` switches the model to ``"official"`` for official SimPool checkpoints and leaves it
-    alone otherwise; ``None`` / ``"official"`` set it explicitly. Returns a report: path, format, checkpoint_key,
+    as they are. ``compat="auto"`` switches the model to ``"official"`` for official SimPool checkpoints and official
+    DINO ViTs (their position-embedding resampling) and leaves it alone otherwise; ``None`` / ``"official"`` set it explicitly. Returns a report: path, format, checkpoint_key,
     stripped_prefixes, loaded (tensors), dropped (classifier keys), compat, notes. Raises CheckpointError.
     """
     if compat not in ("auto", None, "official"):
@@ -307,7 +312,8 @@ def _config_from_json(path: Path) -> dict | None:
 def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Best-effort ``build_backbone`` kwargs from a foreign state dict (wrappers stripped). A ViT of non-standard
     width gives no ``arch`` (pass ``arch=`` and ``num_heads=``); unknown layouts raise ValueError. CNN gamma is not
-    stored in the weights: the default (2.0) is assumed; pass ``gamma=`` for a no-gamma checkpoint."""
+    stored in the weights: the default (2.0) is assumed here; build_backbone_from_checkpoint reads it from the
+    official checkpoint's ``args`` when they are there."""
     keys = set(sd)
     official = _has_official_simpool(keys)
     cfg: dict[str, Any] = {}
@@ -362,6 +368,28 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return cfg
 
 
+def _official_gamma(obj: Any, cfg: dict[str, Any], checkpoint_key: str | None) -> str | None:
+    """Set ``cfg["gamma"]`` of an official SimPool checkpoint from the ``args`` it was trained with.
+
+    γ is not in the weights. CNNs pass ``--gamma`` to student and teacher. Official ViT teachers are built without
+    it (always γ=1.25 with a beta: simpool.md, "teacher γ bug"), so ``args.gamma`` applies to a ViT student only.
+    Returns a note for the load report, or None when nothing is stored.
+    """
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict) or "gamma" not in args:
+        return None
+    gamma = args["gamma"]
+    if isinstance(gamma, str) and gamma.strip().lower() == "none":
+        gamma = None
+    if "patch_size" in cfg:  # a ViT
+        if cfg.get("gamma", "default") is None or checkpoint_key != "student" or gamma is None:
+            return None
+    cfg["gamma"] = gamma
+    return f"gamma={gamma} from the checkpoint's training args"
+
+
 def build_backbone_from_checkpoint(path, checkpoint_key: str | None = "teacher", **overrides) -> tuple[Backbone, dict]:
     """Build the backbone a checkpoint was trained with and load it.
 
@@ -395,6 +423,8 @@ def build_backbone_from_checkpoint(path, checkpoint_key: str | None = "teacher",
             try:
                 cfg = infer_config(sd)
                 source = "inferred"
+                if cfg.get("compat") == "official" and (gamma_note := _official_gamma(obj, cfg, checkpoint_key)):
+                    source += f" ({gamma_note})"
             except ValueError:
                 if "arch" not in overrides:
                     raise

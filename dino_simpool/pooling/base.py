@@ -67,8 +67,22 @@ class Pooling(nn.Module):
     def pool(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def _check_tokens(self, tokens: torch.Tensor, was_map: bool) -> None:
+        """Clear errors for the layouts that would otherwise fail deep inside torch or, worse, pool silently."""
+        layout = "(B, d, H, W) map" if was_map else "(B, N, d) tokens"
+        if not tokens.is_floating_point():
+            raise ValueError(f"pooling expects floating-point features; got dtype {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"pooling got an empty {layout} (no locations): shape {tuple(tokens.shape)}")
+        dim = getattr(self, "dim", None)
+        if dim is not None and tokens.shape[-1] != dim:
+            hint = " (a channels-last (B, H, W, d) map? permute it to (B, d, H, W))" if was_map else ""
+            raise ValueError(f"{type(self).__name__} was built for dim={dim} but got {layout} with "
+                             f"d={tokens.shape[-1]}{hint}")
+
     def forward(self, x: torch.Tensor, return_attention: bool = False, grid: tuple[int, int] | None = None):
         tokens, map_grid = to_tokens(x)
+        self._check_tokens(tokens, map_grid is not None)
         if self.uses_grid:
             out, attn = self.pool(tokens, resolve_grid(tokens.shape[1], grid, map_grid, True))
         else:
