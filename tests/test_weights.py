@@ -426,6 +426,7 @@ def test_refuses_arbitrary_pickles_and_missing_files(tmp_path):
 
 def test_wrong_checkpoint_key(tmp_path):
     path = tmp_path / "c.pth"
-    torch.save({"student": {"backbone.x": torch.zeros(1)}, "epoch": 1}, path)
-    with pytest.raises(CheckpointError, match="checkpoint_key"):
+    torch.save({"student": {"backbone.x.weight": torch.zeros(1)}, "dino_loss": {"center": torch.zeros(4)},
+                "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match=r"--checkpoint_key on the command line\): one of \['student'\]$"):
         load_pretrained(build_backbone("vit_small", **VIT), path, checkpoint_key="teacher")

@@ -89,10 +89,11 @@ def _select_state_dict(obj: Any, checkpoint_key: str | None) -> tuple[dict[str, 
     for key in STATE_DICT_KEYS:
         if key in obj and _is_state_dict(obj[key]):
             return obj[key], key
-    dict_entries = [k for k, v in obj.items() if _is_state_dict(v)]
+    networks = [k for k, v in obj.items() if _is_state_dict(v) and any(str(n).endswith("weight") for n in v)]
     raise CheckpointError(
         f"the checkpoint has no {checkpoint_key!r} entry and is not a state dict; top-level keys: "
-        f"{sorted(map(str, obj))[:20]}. Pass checkpoint_key= one of {dict_entries}"
+        f"{sorted(map(str, obj))[:20]}. Pick the network with checkpoint_key= (--checkpoint_key on the command "
+        f"line): one of {networks}"
     )
 
 
@@ -357,10 +358,10 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         width = next((int(v.shape[0]) for k, v in sd.items() if _fb_convnext_to_timm(k) == "stem.0.weight"), None)
         arch = {(9, 96): "convnext_tiny", (27, 96): "convnext_small", (4, 24): "convnext_test"}.get((n_stage2, width))
         if arch is None:
-            raise ValueError("cannot tell the ConvNeXt variant from the checkpoint: pass arch=")
+            raise ValueError("cannot tell the ConvNeXt variant from the checkpoint: pass arch= (--arch)")
         cfg = dict(arch=arch)
     else:
-        raise ValueError("cannot tell the arch from the checkpoint keys: pass arch=")
+        raise ValueError("cannot tell the arch from the checkpoint keys: pass arch= (--arch)")
     if official:
         cfg.update(pooling="simpool", compat="official")  # gamma is not stored: the CNN default (2.0) is assumed
     else:
@@ -417,7 +418,8 @@ def build_backbone_from_checkpoint(path, checkpoint_key: str | None = "teacher",
         sd, _ = _strip_wrappers(sd)
         if detect_format(sd) == "dino_simpool":
             if "arch" not in overrides:
-                raise ValueError(f"{weights} has this project's keys but no config: pass arch= and the other flags")
+                raise ValueError(f"{weights} has this project's keys but no config: pass arch= (--arch) and the other "
+                                 f"model flags it was trained with")
             cfg = {}
         else:
             try:
@@ -430,11 +432,11 @@ def build_backbone_from_checkpoint(path, checkpoint_key: str | None = "teacher",
                     raise
                 cfg = {}
     if "arch" not in cfg and "arch" not in overrides:
-        raise ValueError(f"cannot tell the arch of {weights} (no stored config): pass arch= (and num_heads= for a "
-                         f"non-standard ViT width)")
+        raise ValueError(f"cannot tell the arch of {weights} (no stored config): pass arch= (--arch; and num_heads= "
+                         f"/ --num_heads for a non-standard ViT width)")
     cfg.update({k: v for k, v in overrides.items()})
     if "arch" not in cfg:
-        raise ValueError(f"no backbone config found for {weights}: pass arch=")
+        raise ValueError(f"no backbone config found for {weights}: pass arch= (--arch)")
     model = build_backbone(**cfg)
     report = _load_into(model, obj, weights, checkpoint_key, "auto" if "compat" not in cfg else cfg["compat"])
     report.update(config=dict(model.config), config_source=source)
