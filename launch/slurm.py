@@ -12,7 +12,10 @@ job id, the script and the log paths (``--dry-run`` prints the script and submit
 - every task runs ``<python> -m <job module>`` directly, with the Python of the environment the launcher runs in;
   rank, world size, master address and port come from :mod:`dino_simpool.distributed` (no torchrun, no rendezvous
   file);
-- ``--signal=USR1@<grace>``: the tasks save and exit 75 (see ``dino_simpool.signals``); the batch script then runs
+- srun gets ``--cpus-per-task`` from ``SLURM_CPUS_PER_TASK`` (srun 22.05-23.08 no longer inherits it);
+- ``--signal=USR1@<grace>``: the tasks save and exit 75 (see ``dino_simpool.signals``). srun runs in the background
+  and the batch shell's traps pass a SIGUSR1 or SIGTERM that reaches only the shell (``scancel --batch``) on to srun
+  as SIGUSR1, once (srun relays it to every task; it would turn a SIGTERM into SIGKILL). The batch script then runs
   ``scontrol requeue`` itself, after srun has returned. It does this rather than rank 0 because then (a) every rank
   has finished writing before Slurm kills the step, (b) the decision uses srun's exit status (the highest over all
   tasks), so a rank killed by a signal (128+n) or a failure on every rank (1, 3) is not requeued, (c) the count and its limit live in
@@ -37,9 +40,11 @@ from typing import Sequence
 TEMPLATE = Path(__file__).with_name("templates") / "slurm.sbatch"
 
 # --job -> (python module, the job's process-group backend flag, saves and exits 75 on SIGUSR1/SIGTERM)
-# eval.knn and eval.linear do not handle SIGUSR1 (its default action kills), so they get no --signal: they run until
-# the time limit; a Slurm preemption with PreemptMode=REQUEUE still requeues them (--requeue), and eval.linear then
-# resumes from its per-epoch checkpoint by itself. Flip the third field when a job learns to exit 75 on USR1.
+# eval.knn and eval.linear do not handle SIGUSR1 (its default action kills), so they get no --signal and the batch
+# shell passes no signal on to them: they run until they end or the time limit kills them (TIMEOUT, not requeued).
+# A Slurm preemption with PreemptMode=REQUEUE requeues them (--requeue) and they run again from the start:
+# eval.linear then resumes from its last per-epoch checkpoint, eval.knn recomputes everything. Flip the third
+# field when a job learns to exit 75 on USR1.
 JOBS = {
     "train": ("dino_simpool.train", "--backend", True),
     "knn": ("eval.knn", "--dist_backend", False),
@@ -239,7 +244,9 @@ def _group_flags(args: Sequence[str]) -> list[list[str]]:
 
 
 def _srun_block(spec: LaunchSpec) -> str:
-    srun = ["srun", "--label", "--kill-on-bad-exit=0", f"--ntasks-per-node={spec.tasks_per_node}"]
+    # --cpus-per-task from the job's own variable (set when the job has one; see the template's comment)
+    srun = ["srun", "--label", "--kill-on-bad-exit=0", f"--ntasks-per-node={spec.tasks_per_node}",
+            "${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}"]
     module = spec.module or JOBS[spec.job][0]
     cmd = [spec.python, "-u"] + ([module] if module.endswith(".py") else ["-m", module])
     lines = [" ".join(srun) + " \\", "    " + " ".join(shlex.quote(c) for c in cmd)]
@@ -262,13 +269,16 @@ def render_script(spec: LaunchSpec) -> str:
                 f"{total} tasks, gloo.")
     if spec.handles_signal:
         note = (f"Slurm sends SIGUSR1 to the tasks {spec.signal_grace} s before the time limit\n"
-                "# (--signal; also `scancel --signal=USR1 --full <job id>`, or a preemption that signals). The tasks save\n"
-                "# a checkpoint at the current iteration and exit 75; this script then runs `scontrol requeue` (at most\n"
-                "# MAX_REQUEUES times, counted in REQUEUE_FILE) and the next run resumes from the checkpoint.")
+                "# (--signal). `scancel --signal=USR1 --full <job id>` signals the tasks too, and `--batch` (this shell\n"
+                "# only) is passed on to them through srun. The tasks save a checkpoint at the current iteration and exit\n"
+                "# 75; this script then runs `scontrol requeue` (at most MAX_REQUEUES times, counted in REQUEUE_FILE) and\n"
+                "# the next run resumes from the checkpoint.")
     else:
-        note = (f"{module} does not handle SIGUSR1, so no --signal is asked for: it\n"
-                "# runs to the time limit. A Slurm preemption with PreemptMode=REQUEUE still requeues it (--requeue). The\n"
-                "# exit-75 requeue below stays for a job that learns to save on SIGUSR1.")
+        again = {"linear": "it resumes from its last per-epoch checkpoint"}.get(spec.job, "it starts over")
+        note = (f"{module} does not save on SIGUSR1/SIGTERM, so no --signal is asked\n"
+                "# for and nothing is passed on to it: it runs until it ends or the time limit kills it (not requeued).\n"
+                "# A Slurm preemption with PreemptMode=REQUEUE requeues it (--requeue) and it runs again:\n"
+                f"# {again}. `scancel --signal=USR1 --full` kills it.")
     text = TEMPLATE.read_text(encoding="utf-8")
     subs = {
         "{{SBATCH}}": "\n".join(_sbatch_lines(spec)),
@@ -279,6 +289,8 @@ def render_script(spec: LaunchSpec) -> str:
         "{{MAX_REQUEUES}}": str(spec.max_requeues),
         "{{JOB_NAME}}": spec.name,
         "{{SRUN}}": _srun_block(spec),
+        "{{FORWARD_STOP}}": "1" if spec.handles_signal else "0",
+        "{{JOB_MODULE}}": module,
     }
     for key, value in subs.items():
         text = text.replace(key, value)
@@ -311,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
     r.add_argument("--exclude", default=None, help="nodes to avoid, e.g. node[03,07]")
     j = p.add_argument_group("job")
-    j.add_argument("--job", default="train", choices=sorted(JOBS), help="train (default), knn or linear")
+    j.add_argument("--job", default="train", choices=sorted(JOBS),
+                   help="train (default), knn or linear. Only train saves on SIGUSR1/SIGTERM and is requeued by the "
+                        "script; knn and linear are not: the time limit ends them, and a Slurm preemption that "
+                        "requeues them reruns them (linear resumes from its last finished epoch, knn starts over)")
     j.add_argument("--module", default=None,
                    help="advanced: run this Python module (or .py file) instead of the --job's one; it must read "
                         "its rank from dino_simpool.distributed")

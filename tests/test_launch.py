@@ -6,9 +6,11 @@ Regenerate the golden files after an intended change with:  UPDATE_GOLDEN=1 .ven
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,9 +94,11 @@ def test_signal_only_for_jobs_that_save_on_it():
     for case in ("knn_1x4_gpu", "linear_custom"):  # eval.knn / eval.linear do not handle SIGUSR1: it would kill them
         text = render(CASES[case])
         assert "#SBATCH --signal" not in text and "#SBATCH --requeue" in text
-        assert "does not handle SIGUSR1" in text
+        assert "does not save on SIGUSR1/SIGTERM" in text and "FORWARD_STOP=0" in text
+    assert "resumes from its last per-epoch checkpoint" in render(CASES["linear_custom"])
+    assert "it starts over" in render(CASES["knn_1x4_gpu"])
     mod = render(["--module", "my_job.py", "--signal-grace", "60", "--", "--output_dir", "/o"])
-    assert "#SBATCH --signal=USR1@60" in mod
+    assert "#SBATCH --signal=USR1@60" in mod and "FORWARD_STOP=1" in mod
 
 
 def test_eval_jobs_backend_flags():
@@ -271,6 +275,94 @@ def test_script_clears_torchrun_vars_and_sets_master(tmp_path):
     assert dumped["MASTER_ADDR"] == "node07"
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"} & set(dumped)
     assert dumped["PYTHONUNBUFFERED"] == "1"
+
+
+@pytest.mark.parametrize("cpus", [None, "10"])
+def test_script_passes_cpus_per_task_to_srun(tmp_path, cpus):
+    # srun 22.05-23.08 does not read SLURM_CPUS_PER_TASK: the script must hand it over as --cpus-per-task
+    spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path),
+                            python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_ = tmp_path / "bin"
+    _fake_bin(bin_, "srun", f'printf "%s\\n" "$@" > {tmp_path / "args"}; exit 0\n')
+    _fake_bin(bin_, "scontrol", "echo node01\n")
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode == 0
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:3] == ["--label", "--kill-on-bad-exit=0", "--ntasks-per-node=1"]
+    assert args[3] == ("--cpus-per-task=10" if cpus else PY)  # one word when set, nothing (not "") when unset
+
+
+# A fake srun that behaves like the real one for the script: it runs until its tasks end, relays SIGUSR1 to them
+# (here: the "tasks" save after the first SIGUSR1 and exit 75) and answers SIGTERM by killing them (exit 143).
+_SIGNAL_SRUN = """echo "srun $*" >> {calls}
+saves=0
+trap 'echo "srun got USR1" >> {calls}; saves=1' USR1
+trap 'echo "srun got TERM" >> {calls}; exit 143' TERM
+touch {started}
+for i in $(seq {steps}); do
+    sleep 0.05
+    if [ "$saves" = 1 ]; then sleep {save_s}; echo "tasks saved" >> {calls}; exit 75; fi
+done
+exit 0
+"""
+
+
+def _signal_script(tmp_path: Path, signals: list[str], job: str = "train", save_s: float = 0.2, run_s: float = 10):
+    """Run the script with the fake srun above and send ``signals`` to the batch shell only (like ``--batch``)."""
+    out = tmp_path / "out"
+    spec = L.spec_from_args(["--job", job, "--gpus-per-node", "0", "--", "--output_dir", str(out)],
+                            cwd=str(tmp_path), python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_, calls, started = tmp_path / "bin", tmp_path / "calls", tmp_path / "started"
+    _fake_bin(bin_, "srun", _SIGNAL_SRUN.format(calls=calls, started=started, save_s=save_s,
+                                                steps=int(run_s / 0.05)))
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $*" >> {calls}\n'
+                                'case "$1 $2" in "show hostnames") echo node01;;\n'
+                                '"show job") echo "JobId=77 JobState=RUNNING";; esac\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "2"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 10
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert started.exists(), "the fake srun never started"
+    time.sleep(0.1)  # the shell is in its `wait` now
+    for s in signals:
+        proc.send_signal(getattr(signal, f"SIG{s}"))
+        time.sleep(0.05)
+    stdout, _ = proc.communicate(timeout=30)
+    return proc.returncode, stdout, calls.read_text()
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_batch_shell_passes_stop_signal_to_srun_as_usr1(tmp_path, sig):
+    # `scancel --signal=USR1 --batch` (or a TERM to the shell alone) must reach the tasks: they save, exit 75, requeue
+    rc, out, calls = _signal_script(tmp_path, [sig])
+    assert rc == 0, out
+    assert calls.count("srun got USR1") == 1 and "srun got TERM" not in calls  # TERM would make srun SIGKILL them
+    assert "tasks saved" in calls and "scontrol requeue 77" in calls
+    assert f"batch shell got SIG{sig}: asking the tasks to save" in out and "requeue 1/20" in out
+
+
+def test_batch_shell_passes_a_stop_on_once(tmp_path):
+    # repeated signals (a --full scancel reaches the shell as well as the tasks; a second scancel) are passed on once;
+    # the ones that arrive while the tasks save must not end the shell's wait early or change srun's exit code
+    rc, out, calls = _signal_script(tmp_path, ["USR1", "USR1", "TERM"], save_s=0.5)
+    assert rc == 0, out
+    assert calls.count("srun got USR1") == 1 and calls.count("tasks saved") == 1
+    assert out.count("the tasks were already asked to save") == 2
+    assert "the tasks saved a checkpoint (exit 75): requeue 1/20" in out
+
+
+def test_batch_shell_does_not_signal_jobs_that_cannot_save(tmp_path):
+    # eval.knn dies of SIGUSR1: the shell keeps waiting and passes nothing on
+    rc, out, calls = _signal_script(tmp_path, ["USR1"], job="knn", run_s=1)
+    assert rc == 0 and "srun got" not in calls and "tasks saved" not in calls
+    assert "eval.knn does not save on a signal, so it is not passed on" in out and "finished (exit 0)" in out
 
 
 # ------------------------------------------------------------------------------------------------------------------

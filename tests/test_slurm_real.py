@@ -131,8 +131,10 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, uninterrupted):
     print(f"[slurm] preempted + requeued 2-task pretraining: {time.time() - t0:.1f} s")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
     assert int(info["Restarts"]) == 1, info
+    # --full signals the tasks, srun and the batch shell (whose trap passes it on once more): still one save, exit 75
     assert "batch shell got SIGUSR1" in log
     assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
+    assert len(re.findall(r"stopped by (a )?signal", log)) == 1 and "Killed" not in log, log
     assert (out / "slurm" / f"dino-train-{job}.requeues").read_text().strip() == "1"
     events = [json.loads(x) for x in (out / "log.txt").read_text().splitlines() if '"event"' in x]
     saved = [e for e in events if e.get("event") == "preempted"]
@@ -149,6 +151,27 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, uninterrupted):
     same = all(torch.equal(state["teacher"][k], ref["teacher"][k]) for k in ref["teacher"])
     print(f"[slurm] resumed at iteration {saved[0]['iteration']}; final teacher identical to the uninterrupted "
           f"run's: {same}")
+
+
+def test_batch_only_signal_reaches_the_tasks(slurm, tmp_path):
+    """`scancel --signal=USR1 --batch` signals the batch shell alone: its trap passes the signal on to srun, which
+    relays it to the tasks. They save once, the job requeues and the rerun resumes from the saved iteration. The
+    job also asks for --cpus-per-task 1, so the real srun gets --cpus-per-task from SLURM_CPUS_PER_TASK."""
+    out, iters = tmp_path / "run", 40
+    job, _ = launch(slurm, CPU2 + ["--cpus-per-task", "1", "--module", STANDIN, "--job-name", "standin", "--",
+                                   "--output_dir", str(out), "--iters", str(iters), "--sleep", "0.1"])
+    wait_for_log(out, "standin", job, r"^0: rank 0 iteration 2 ", slurm, timeout=180)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    info = slurm.wait_job(job, timeout=240)
+    log = slurm_log(out, "standin", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
+    assert int(info["Restarts"]) == 1, (info, log)
+    assert "batch shell got SIGUSR1: asking the tasks to save" in log, log
+    saved = re.findall(r"^0: saved \S+ at iteration (\d+) after SIGUSR1", log, re.M)
+    assert len(saved) == 1 and 2 <= int(saved[0]) < iters, log
+    assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
+    assert re.findall(r"^0: resuming from \S+ at iteration (\d+)", log, re.M) == saved, log
+    assert json.loads((out / "done.json").read_text()) == {"iteration": iters, "world_size": 2}
 
 
 def test_nan_stop_is_not_requeued(slurm, tmp_path):
