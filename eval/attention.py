@@ -10,7 +10,10 @@ and an overlay.
 
 Maps are upsampled to the image size (nearest, i.e. one block per patch as DINO's ``visualize_attention.py``, or
 bilinear). ``--threshold m`` adds DINO's cumulative-mass mask: the highest patches that together hold a fraction m
-of the map's mass. Without ``--images`` a few images of the embedded dataset's val split are used.
+of the map's mass. Without ``--images`` a few images of the embedded dataset's val split are used. Images keep their
+aspect ratio and are scaled down to a longest side of ``--max_size`` (480, as DINO; 0 = full size) unless
+``--image_size S`` asks for S x S. Each PNG is named by the image's path relative to the folder given
+(``a/x.png`` -> ``a__x.png``), so same-named images in different sub-folders do not overwrite each other.
 
 Library use (the demo): ``save_attention_pngs(model, images, out_dir, threshold=0.6)``.
 """
@@ -26,8 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from eval.discovery import cumulative_mass_mask
-from eval.maps import add_model_args, build_model, input_multiple, list_images, model_device, \
-    model_input_size, to_tensor
+from eval.maps import DEFAULT_MAX_SIZE, add_model_args, add_size_args, build_model, check_size_args, input_multiple, \
+    list_images_named, model_device, model_input_size, to_tensor, unique_names
 
 # viridis, sampled at 0, .25, .5, .75, 1
 _VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
@@ -69,9 +72,11 @@ def _panel(rgb: np.ndarray, title: str, scale: int) -> Image.Image:
 
 
 def attention_panels(model, img: Image.Image, image_size: int | None = None, threshold: float | None = None,
-                     interpolation: str = "nearest") -> tuple[list[tuple[str, np.ndarray]], tuple[int, int]]:
-    """The pictures of one image as (title, uint8 RGB (H, W, 3)) pairs, all at the model input size (H, W)."""
-    size = model_input_size((img.height, img.width), input_multiple(model), image_size)
+                     interpolation: str = "nearest", max_size: int | None = DEFAULT_MAX_SIZE
+                     ) -> tuple[list[tuple[str, np.ndarray]], tuple[int, int]]:
+    """The pictures of one image as (title, uint8 RGB (H, W, 3)) pairs, all at the model input size (H, W) (see
+    :func:`eval.maps.model_input_size`)."""
+    size = model_input_size((img.height, img.width), input_multiple(model), image_size, max_size)
     x = to_tensor(img, size)[None].to(model_device(model))
     shown = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC))
     with torch.no_grad():
@@ -100,9 +105,10 @@ def attention_panels(model, img: Image.Image, image_size: int | None = None, thr
 
 
 def render_attention(model, img: Image.Image, image_size: int | None = None, threshold: float | None = None,
-                     interpolation: str = "nearest", min_panel: int = MIN_PANEL) -> Image.Image:
+                     interpolation: str = "nearest", min_panel: int = MIN_PANEL,
+                     max_size: int | None = DEFAULT_MAX_SIZE) -> Image.Image:
     """One picture: the panels side by side, each scaled up by an integer factor to at least ``min_panel`` px."""
-    panels, size = attention_panels(model, img, image_size, threshold, interpolation)
+    panels, size = attention_panels(model, img, image_size, threshold, interpolation, max_size)
     scale = max(1, -(-min_panel // max(size)))
     tiles = [_panel(rgb, title, scale) for title, rgb in panels]
     gap = 4
@@ -117,12 +123,14 @@ def render_attention(model, img: Image.Image, image_size: int | None = None, thr
 
 def save_attention_pngs(model, images: Iterable[Image.Image | str | Path], out_dir, image_size: int | None = None,
                         threshold: float | None = None, names: Sequence[str] | None = None,
-                        interpolation: str = "nearest", min_panel: int = MIN_PANEL) -> list[Path]:
+                        interpolation: str = "nearest", min_panel: int = MIN_PANEL,
+                        max_size: int | None = DEFAULT_MAX_SIZE) -> list[Path]:
     """Write ``<out_dir>/<name>.png`` for each image (PIL images or paths); returns the paths.
 
     ``model``: a Backbone (eval mode is set here). ``image_size``: feed the model ``image_size``² (default: each
-    image's own size, rounded to the patch size). ``threshold``: add DINO's cumulative-mass mask panel.
-    ``names``: file stems (default: the file stems of paths, else ``attention_<i>``).
+    image's own aspect ratio, longest side at most ``max_size``, ``None`` = full size; rounded to the patch size).
+    ``threshold``: add DINO's cumulative-mass mask panel. ``names``: unique file stems (default: the file stems of
+    paths, made unique, else ``attention_<i>``).
     """
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {threshold}")
@@ -131,18 +139,21 @@ def save_attention_pngs(model, images: Iterable[Image.Image | str | Path], out_d
     model.eval()
     written: list[Path] = []
     images = list(images)
-    if names is not None and len(names) != len(images):
+    if names is None:
+        names = unique_names([(Path(it).name,) if isinstance(it, (str, Path)) else (f"attention_{i:03d}",)
+                              for i, it in enumerate(images)])
+    if len(names) != len(images):
         raise ValueError(f"got {len(names)} names for {len(images)} images")
-    for i, item in enumerate(images):
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"output names must be unique (one PNG per image); {dup!r} is given twice")
+    for name, item in zip(names, images):
         if isinstance(item, (str, Path)):
-            name = Path(item).stem
             with Image.open(item) as im:
                 img = im.convert("RGB")
         else:
-            name, img = f"attention_{i:03d}", item
-        if names is not None:
-            name = names[i]
-        pic = render_attention(model, img, image_size, threshold, interpolation, min_panel)
+            img = item
+        pic = render_attention(model, img, image_size, threshold, interpolation, min_panel, max_size)
         path = out / f"{name}.png"
         pic.save(path)
         written.append(path)
@@ -185,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True, help="where the PNGs go")
     p.add_argument("--threshold", default=None, type=float,
                    help="add DINO's cumulative-mass mask keeping this fraction of the mass, e.g. 0.6")
-    p.add_argument("--image_size", default=None, type=int,
-                   help="resize images to this square size (default: their own size, rounded to the patch size)")
+    add_size_args(p)
     p.add_argument("--interpolation", default="nearest", choices=["nearest", "bilinear"],
                    help="map upsampling to the image size (nearest = one block per patch, as DINO)")
     p.add_argument("--num_images", default=4, type=int, help="embedded images to use when --images is not given")
@@ -203,13 +213,14 @@ def main(argv=None) -> int:
     try:
         if args.threshold is not None and not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {args.threshold}")
+        check_size_args(args)
         model = build_model(args)
         if args.images:
-            images, names = list_images(args.images), None
+            images, names = map(list, zip(*list_images_named(args.images)))
         else:
             images, names = embedded_examples(args.num_images, args.synthetic_size)
         paths = save_attention_pngs(model, images, args.output_dir, args.image_size, args.threshold, names,
-                                    args.interpolation)
+                                    args.interpolation, max_size=args.max_size)
         if args.combined:
             paths.append(stack_pictures(paths, args.combined))
     except (CheckpointError, DataError, ValueError, OSError) as e:

@@ -1,6 +1,11 @@
 """Single-object discovery, CorLoc (the LOST protocol): one box per image, correct when IoU ≥ 0.5 with any
-ground-truth box. Boxes come from the attention map (largest connected component after DINO's cumulative-mass
-threshold) or from LOST (Siméoni et al., BMVC 2021) on the last block's patch keys.
+ground-truth box. Boxes come from the attention map (largest 4-connected component after DINO's cumulative-mass
+threshold, LOST's ``dino_seg``) or from LOST (Siméoni et al., BMVC 2021) on the last block's patch keys.
+
+Differences from LOST's code: ``dino_seg`` thresholds head 0 of the [CLS] attention, here the map is the pooling's
+(SimPool) or the head mean (cls); LOST's ``range(max(label))`` skips the last component when picking the largest and
+boxes the background when there is only one component, here every component counts. Images go in resized to a
+multiple of the patch (LOST pads) and boxes are scaled back by the image/grid ratio per axis.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 from scipy import ndimage
 
 from .boxes import box_iou, check_gt_boxes, largest_component_box
+from .maps import DEFAULT_MAX_SIZE
 
 
 def cumulative_mass_mask(attn, mass: float = 0.6) -> np.ndarray:
@@ -36,11 +42,12 @@ def _scale_box(box, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple
 
 
 def attention_box(attn, image_size: tuple[int, int], mass: float = 0.6) -> tuple[float, float, float, float]:
-    """Box of the largest connected component of the thresholded (h, w) map, in image pixels."""
+    """Box of the largest 4-connected component (``scipy.ndimage.label``'s default, as LOST's ``dino_seg``) of the
+    thresholded (h, w) map, in pixels of an image of ``image_size`` = (H, W)."""
     attn = np.asarray(attn, dtype=np.float64)
     if attn.ndim != 2:
         raise ValueError(f"an attention map must be 2-D (h, w); got shape {attn.shape}")
-    box = largest_component_box(cumulative_mass_mask(attn, mass))
+    box = largest_component_box(cumulative_mass_mask(attn, mass), connectivity=4)
     return _scale_box(box, attn.shape, image_size)
 
 
@@ -93,7 +100,8 @@ METHODS = ("attention", "lost")
 
 
 def predict_boxes(model, samples, method: str = "attention", image_size=None, batch_size: int = 32,
-                  mass: float = 0.6, k_patches: int = 100, map_kind: str = "auto") -> list:
+                  mass: float = 0.6, k_patches: int = 100, map_kind: str = "auto",
+                  max_size: int | None = DEFAULT_MAX_SIZE) -> list:
     """One box per sample (in its original image's pixels): ``attention`` = largest connected component of the
     cumulative-mass-thresholded map; ``lost`` = LOST on the last block's patch keys (ViT) / last map (CNN)."""
     from eval.locdata import as_numpy, iterate
@@ -104,7 +112,7 @@ def predict_boxes(model, samples, method: str = "attention", image_size=None, ba
     if method == "attention":
         map_kind = resolve_map_kind(model, map_kind)
     boxes = []
-    for x, meta in iterate(model, samples, image_size, batch_size):
+    for x, meta in iterate(model, samples, image_size, batch_size, max_size):
         if method == "attention":
             maps = as_numpy(attention_map(model, x, map_kind))
             boxes += [attention_box(m, size, mass) for m, (_, size) in zip(maps, meta)]
@@ -123,7 +131,7 @@ def evaluate_model(model, samples, method: str = "attention", **kw) -> dict:
 def build_parser():
     import argparse
 
-    from eval.maps import MAP_CHOICES, add_model_args
+    from eval.maps import MAP_CHOICES, add_model_args, add_size_args
 
     p = argparse.ArgumentParser("python -m eval.discovery",
                                 description="Single-object discovery, CorLoc (LOST protocol) with attention or LOST "
@@ -134,10 +142,12 @@ def build_parser():
                    help="VOC-style folder (Annotations/*.xml + JPEGImages/), or an image folder with --boxes/--annotations")
     p.add_argument("--annotations", default=None, help="folder of VOC XML files (images in --data_path)")
     p.add_argument("--boxes", default=None, help="JSON boxes file {relpath: [[x0,y0,x1,y1]...]} for --data_path")
+    p.add_argument("--image_set", default="trainval",
+                   help="VOC: evaluate the ids of ImageSets/Main/<image_set>.txt (LOST: trainval) when the folder has "
+                        "it; 'all' = every annotation")
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
     p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    p.add_argument("--image_size", default=None, type=int,
-                   help="resize images to this square size for the model (default: own size, rounded to the patch)")
+    add_size_args(p)
     p.add_argument("--threshold", default=0.6, type=float, help="attention: cumulative mass kept (DINO's 0.6)")
     p.add_argument("--k_patches", default=100, type=int, help="LOST: candidate patches for the seed expansion")
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES), help="attention: which map (see eval.localization)")
@@ -157,7 +167,8 @@ def load_samples(args) -> list:
     elif args.boxes:
         samples = locdata.folder_json_samples(args.data_path, args.boxes)
     else:
-        samples = locdata.voc_samples(args.data_path, args.annotations)
+        image_set = None if args.image_set in ("", "all") else args.image_set
+        samples = locdata.voc_samples(args.data_path, args.annotations, image_set)
     return locdata.check_samples(samples, args.subset)
 
 
@@ -167,10 +178,11 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from dino_simpool.checkpoint import CheckpointError
-    from eval.maps import build_model
+    from eval.maps import build_model, check_size_args
 
     args = build_parser().parse_args(argv)
     try:
+        check_size_args(args)
         if not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {args.threshold}")
         if args.k_patches < 1:
@@ -178,7 +190,7 @@ def main(argv=None) -> int:
         samples = load_samples(args)
         model = build_model(args)
         res = evaluate_model(model, samples, args.method, image_size=args.image_size, batch_size=args.batch_size,
-                             mass=args.threshold, k_patches=args.k_patches, map_kind=args.map)
+                             mass=args.threshold, k_patches=args.k_patches, map_kind=args.map, max_size=args.max_size)
     except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
         print(f"eval.discovery: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -5,8 +5,18 @@ around each connected foreground region (the boxes around all contours). An imag
 box hits any ground-truth box. BoxAcc(τ, δ) is the fraction of correct images; MaxBoxAccV2 is the mean over
 δ ∈ {0.3, 0.5, 0.7} of max_τ BoxAcc(τ, δ).
 
-Thresholding follows the reference evaluator: the normalised map is quantised to 8 bits and a pixel is foreground
-when its value is strictly above ``int(τ · max)``.
+Thresholding follows the reference evaluator (Choe et al.'s ``wsolevaluation``): the normalised map is quantised to
+8 bits and a pixel is foreground when its value is strictly above ``int(τ · max)``. Known differences from it:
+
+* boxes: one per 8-connected region (the external contours); the reference takes ``cv2.RETR_TREE`` contours, which
+  also box the holes inside regions (those boxes lie inside their region's box);
+* IoU: exclusive-end boxes, area (x1 - x0) · (y1 - y0); the reference adds 1 pixel to widths and heights (inclusive
+  corners) and clips predicted boxes to W - 1 / H - 1, so small boxes score slightly differently;
+* upsampling: bilinear to the original image size; the reference resizes images (and boxes) to 224 x 224 and
+  upsamples the map bicubically (``cv2.INTER_CUBIC``);
+* thresholds: a step of 0.01 by default (``--threshold_step``); ``evaluate_wsol``'s default step is 0.001.
+
+Scores are therefore close to, not identical with, the reference's on the same maps.
 """
 from __future__ import annotations
 
@@ -17,13 +27,15 @@ import torch
 from torch.nn import functional as F
 
 from .boxes import box_iou, check_gt_boxes, mask_boxes
+from .maps import DEFAULT_MAX_SIZE
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0, 0.01), 2).tolist())
 DEFAULT_IOUS = (0.3, 0.5, 0.7)
 
 
 def upsample_map(attn, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of an (h, w) map to the image size (H, W), as a float64 array."""
+    """Bilinear upsampling of an (h, w) map to the image size (H, W), as a float64 array (the reference evaluator
+    upsamples bicubically, see the module docstring)."""
     t = torch.as_tensor(np.asarray(attn, dtype=np.float32))
     if t.ndim != 2:
         raise ValueError(f"an attention map must be 2-D (h, w); got shape {tuple(t.shape)}")
@@ -104,7 +116,7 @@ def max_box_acc_v2(maps, gt_boxes, image_sizes, thresholds=DEFAULT_THRESHOLDS, i
 # command line: python -m eval.localization
 # ----------------------------------------------------------------------------------------------------------------------
 def evaluate_model(model, samples, image_size=None, batch_size=32, map_kind="auto",
-                   thresholds=DEFAULT_THRESHOLDS, iou_thresholds=DEFAULT_IOUS) -> dict:
+                   thresholds=DEFAULT_THRESHOLDS, iou_thresholds=DEFAULT_IOUS, max_size=DEFAULT_MAX_SIZE) -> dict:
     """MaxBoxAccV2 of ``model``'s attention maps over ``samples`` (:class:`eval.locdata.BoxSample`); each map is
     upsampled to its image's original size, where the ground-truth boxes live."""
     from eval.locdata import as_numpy, iterate
@@ -112,7 +124,7 @@ def evaluate_model(model, samples, image_size=None, batch_size=32, map_kind="aut
 
     map_kind = resolve_map_kind(model, map_kind)
     metric = MaxBoxAccV2(tuple(thresholds), tuple(iou_thresholds))
-    for x, meta in iterate(model, samples, image_size, batch_size):
+    for x, meta in iterate(model, samples, image_size, batch_size, max_size):
         maps = as_numpy(attention_map(model, x, map_kind))
         for m, (s, size) in zip(maps, meta):
             metric.add(m, s.boxes, size, name=s.name)
@@ -130,7 +142,7 @@ def format_result(res: dict, title: str = "") -> str:
 def build_parser():
     import argparse
 
-    from eval.maps import MAP_CHOICES, add_model_args
+    from eval.maps import MAP_CHOICES, add_model_args, add_size_args
 
     p = argparse.ArgumentParser("python -m eval.localization",
                                 description="MaxBoxAccV2 (Choe et al., CVPR 2020) of a backbone's attention maps. "
@@ -142,8 +154,7 @@ def build_parser():
     p.add_argument("--images_txt", default=None, help="CUB images.txt (default: beside the boxes file)")
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
     p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    p.add_argument("--image_size", default=None, type=int,
-                   help="resize images to this square size for the model (default: own size, rounded to the patch)")
+    add_size_args(p)
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES),
                    help="auto: the pooling's map (SimPool), or the last block's [CLS] attention head mean (cls)")
     p.add_argument("--threshold_step", default=0.01, type=float, help="spacing of the map thresholds in [0, 1)")
@@ -181,16 +192,18 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from dino_simpool.checkpoint import CheckpointError
-    from eval.maps import build_model
+    from eval.maps import build_model, check_size_args
 
     args = build_parser().parse_args(argv)
     try:
+        check_size_args(args)
         if not 0 < args.threshold_step < 1:
             raise ValueError(f"--threshold_step must be in (0, 1); got {args.threshold_step}")
         thresholds = tuple(np.round(np.arange(0.0, 1.0, args.threshold_step), 6).tolist())
         samples = load_samples(args)
         model = build_model(args)
-        res = evaluate_model(model, samples, args.image_size, args.batch_size, args.map, thresholds)
+        res = evaluate_model(model, samples, args.image_size, args.batch_size, args.map, thresholds,
+                             max_size=args.max_size)
     except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
         print(f"eval.localization: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -8,7 +8,10 @@ Sources (boxes are ``[x0, y0, x1, y1]`` pixels of the original image, x1/y1 excl
   ``boxes.json`` that ``SyntheticShapes.export_imagefolder(root)`` writes at ``root`` works with ``root/val``);
 * CUB-200-2011: ``bounding_boxes.txt`` + ``images.txt`` (the folder is ``CUB_200_2011/images``); with
   ``train_test_split.txt`` beside them only the test images are used;
-* VOC: a folder with ``Annotations/*.xml`` and ``JPEGImages/`` (or ``--annotations DIR`` and the image folder).
+* VOC: a folder with ``Annotations/*.xml`` and ``JPEGImages/`` (or ``--annotations DIR`` and the image folder). As
+  LOST (torchvision's ``VOCDetection``), only the ids in ``ImageSets/Main/<image_set>.txt`` (default ``trainval``:
+  VOC07 5,011 images, VOC12 11,540) are used when that file exists; ``image_set=None`` (``--image_set all``) or a
+  folder without ``ImageSets/`` uses every annotation.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from PIL import Image
 
 from eval.boxes import check_gt_boxes, load_boxes_cub, load_boxes_json, load_boxes_voc
-from eval.maps import IMG_SUFFIXES, input_multiple, model_device, model_input_size, to_tensor
+from eval.maps import DEFAULT_MAX_SIZE, IMG_SUFFIXES, input_multiple, model_device, model_input_size, to_tensor
 
 
 @dataclass
@@ -57,10 +60,7 @@ def folder_json_samples(data_path, boxes_file) -> list[BoxSample]:
     root = Path(data_path)
     if not root.is_dir():
         raise _data_error(f"--data_path {root} is not a folder")
-    try:
-        boxes = load_boxes_json(boxes_file)
-    except FileNotFoundError as e:
-        raise _data_error(str(e)) from None
+    boxes = load_boxes_json(boxes_file)  # DataError naming the file and key
     images = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
     if not images:
         raise _data_error(f"--data_path {root} has no images")
@@ -103,7 +103,10 @@ def cub_samples(data_path, boxes_file, images_txt=None) -> list[BoxSample]:
     return out
 
 
-def voc_samples(data_path, annotations=None) -> list[BoxSample]:
+def voc_samples(data_path, annotations=None, image_set: str | None = "trainval") -> list[BoxSample]:
+    """VOC images and boxes; ``image_set``: the ids of ``ImageSets/Main/<image_set>.txt`` (beside ``Annotations/``)
+    when it exists; ``None`` = every annotation. The default ``trainval`` falls back to every annotation when the
+    folder has no such list; any other name must exist."""
     root = Path(data_path)
     if annotations is None:
         if not (root / "Annotations").is_dir():
@@ -111,8 +114,18 @@ def voc_samples(data_path, annotations=None) -> list[BoxSample]:
         annotations, images = root / "Annotations", root / "JPEGImages"
     else:
         images = root
+    ids = None
+    if image_set:
+        set_file = Path(annotations).parent / "ImageSets" / "Main" / f"{image_set}.txt"
+        if set_file.is_file():
+            ids = [ln.split()[0] for ln in set_file.read_text().splitlines() if ln.strip()]
+            if not ids:
+                raise _data_error(f"{set_file} lists no image")
+        elif image_set != "trainval":
+            raise _data_error(f"--image_set {image_set}: {set_file} does not exist (use --image_set all for every "
+                              f"annotation)")
     try:
-        boxes = load_boxes_voc(annotations)
+        boxes = load_boxes_voc(annotations, ids)
     except FileNotFoundError as e:
         raise _data_error(str(e)) from None
     out = []
@@ -134,9 +147,10 @@ def check_samples(samples: list[BoxSample], subset: int = -1) -> list[BoxSample]
     return samples
 
 
-def iterate(model, samples: list[BoxSample], image_size: int | None = None, batch_size: int = 32) -> Iterator:
+def iterate(model, samples: list[BoxSample], image_size: int | None = None, batch_size: int = 32,
+            max_size: int | None = DEFAULT_MAX_SIZE) -> Iterator:
     """Yields (x (B, 3, H, W) on the model's device, [(sample, (H0, W0) original size)]) with images of one input
-    size per batch (consecutive images of equal size are batched)."""
+    size per batch (consecutive images of equal size are batched). Input size: :func:`eval.maps.model_input_size`."""
     device = model_device(model)
     mult = input_multiple(model)
     batch: list[torch.Tensor] = []
@@ -144,7 +158,7 @@ def iterate(model, samples: list[BoxSample], image_size: int | None = None, batc
     cur = None
     for s in samples:
         img = s.load()
-        size = model_input_size((img.height, img.width), mult, image_size)
+        size = model_input_size((img.height, img.width), mult, image_size, max_size)
         if batch and (size != cur or len(batch) >= batch_size):
             yield torch.stack(batch).to(device), meta
             batch, meta = [], []

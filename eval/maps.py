@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +24,46 @@ MAP_CHOICES = ("auto", "pool", "heads_mean", "mean_blocks")
 # ----------------------------------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------------------------------
-def model_input_size(size: tuple[int, int], multiple: int, image_size: int | None) -> tuple[int, int]:
-    """(H, W) fed to the model: ``image_size`` x ``image_size`` when given, else the image's own size; rounded to
-    the nearest multiple of ``multiple`` (the ViT patch; 1 for CNNs), at least one multiple."""
-    h, w = (image_size, image_size) if image_size else size
+DEFAULT_MAX_SIZE = 480  # longest side fed to the model when no --image_size is given (DINO's visualize_attention)
+
+
+def model_input_size(size: tuple[int, int], multiple: int, image_size: int | None,
+                     max_size: int | None = DEFAULT_MAX_SIZE) -> tuple[int, int]:
+    """(H, W) fed to the model, rounded to the nearest multiple of ``multiple`` (the ViT patch; 1 for CNNs), at least
+    one multiple: ``image_size`` x ``image_size`` when given; else the image's own size, scaled down (keeping the
+    aspect ratio) so that its longest side is at most ``max_size`` (``None``/0: full size). Images are never scaled
+    up."""
     m = max(int(multiple), 1)
-    return max(m, int(round(h / m)) * m), max(m, int(round(w / m)) * m)
+    if image_size:
+        h, w = image_size, image_size
+    else:
+        h, w = size
+        if max_size and max(h, w) > max_size:
+            s = max_size / max(h, w)
+            h, w = h * s, w * s
+    h, w = (max(m, int(round(v / m)) * m) for v in (h, w))
+    if not image_size and max_size and max_size >= m:
+        cap = max_size // m * m
+        h, w = min(h, cap), min(w, cap)
+    return h, w
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """``--image_size`` and ``--max_size``, shared by the attention pictures, MaxBoxAccV2 and CorLoc."""
+    p.add_argument("--image_size", default=None, type=int,
+                   help="resize images to this square size for the model (default: their own aspect ratio, see "
+                        "--max_size)")
+    p.add_argument("--max_size", default=DEFAULT_MAX_SIZE, type=int,
+                   help=f"without --image_size: scale images down so that the longest side is at most this "
+                        f"(default {DEFAULT_MAX_SIZE}, as DINO's visualize_attention; rounded to the patch size; "
+                        f"never scaled up); 0 = full size (a 4000x3000 photo on ViT-S/16 needs tens of GB)")
+
+
+def check_size_args(args: argparse.Namespace) -> None:
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image_size must be >= 1; got {args.image_size}")
+    if args.max_size < 0:
+        raise ValueError(f"--max_size must be >= 0 (0 = full size); got {args.max_size}")
 
 
 def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -47,17 +82,47 @@ def input_multiple(model) -> int:
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Files given directly, plus the images (recursively, sorted) of the folders given."""
-    out: list[Path] = []
+    return [f for f, _ in list_images_named(paths)]
+
+
+def list_images_named(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """:func:`list_images` with a unique output name per image: its path relative to the folder it was found in,
+    without the suffix and with ``/`` as ``__`` (``a/x.png`` -> ``a__x``); the file stem for files given directly.
+    Names that would still clash keep the suffix (``x_png``, ``x_jpg``), then get ``_2``, ``_3``..."""
+    found: list[tuple[Path, tuple[str, ...]]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
-            if not found:
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+            if not files:
                 raise ValueError(f"{p} has no images ({', '.join(IMG_SUFFIXES)})")
-            out += found
+            found += [(f, f.relative_to(p).parts) for f in files]
         elif p.is_file():
-            out.append(p)
+            found.append((p, (p.name,)))
         else:
             raise ValueError(f"{p} does not exist; pass image files or folders of images")
+    return list(zip([f for f, _ in found], unique_names([parts for _, parts in found])))
+
+
+def unique_names(rel_parts: Sequence[Sequence[str]]) -> list[str]:
+    """File-name-safe, unique names for relative paths given as parts (see :func:`list_images_named`)."""
+    def join(parts: Sequence[str], keep_suffix: bool) -> str:
+        *dirs, last = parts
+        p = Path(last)
+        last = f"{p.stem}_{p.suffix[1:]}" if keep_suffix and p.suffix else p.stem
+        return "__".join([*dirs, last])
+
+    names = [join(parts, False) for parts in rel_parts]
+    counts = Counter(names)
+    names = [join(parts, True) if counts[n] > 1 else n for n, parts in zip(names, rel_parts)]
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        name, k = n, 1
+        while name in seen:
+            k += 1
+            name = f"{n}_{k}"
+        seen.add(name)
+        out.append(name)
     return out
 
 
@@ -139,7 +204,7 @@ def add_model_args(p: argparse.ArgumentParser, weights_flags=("--pretrained_weig
     p.add_argument("--depth", default=None, type=int, help="ViT depth override (tiny models)")
     p.add_argument("--embed_dim", default=None, type=int, help="ViT width override (tiny models)")
     p.add_argument("--num_heads", default=None, type=int, help="ViT heads override (tiny models)")
-    p.add_argument("--device", default=None, type=str, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--device", default=None, type=str, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
 
 
 def build_model(args: argparse.Namespace, log=print) -> Any:
@@ -147,6 +212,7 @@ def build_model(args: argparse.Namespace, log=print) -> Any:
     from dino_simpool.models.backbones import build_backbone
     from dino_simpool.models.weights import build_backbone_from_checkpoint
 
+    device = resolve_device(getattr(args, "device", None))  # before the (slow) load, so a bad flag fails fast
     overrides = {k: getattr(args, k) for k in ("arch", "pooling", "patch_size", "depth", "embed_dim", "num_heads")
                  if getattr(args, k, None) is not None}
     if getattr(args, "gamma", _UNSET) is not _UNSET:
@@ -166,9 +232,29 @@ def build_model(args: argparse.Namespace, log=print) -> Any:
         overrides.setdefault("arch", "vit_small")
         model = build_backbone(**overrides)
         log(f"WARNING: no --pretrained_weights: evaluating a RANDOMLY INITIALISED {overrides['arch']} (a baseline)")
-    device = torch.device(args.device) if getattr(args, "device", None) else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     return model.to(device).eval()
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``--device``: ``None``/empty = cuda when present, else cpu; a named device must parse and be usable here."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    elif device.type != "cpu":
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"--device {name}: {device.type} is not available here; use --device cpu")
+    return device
 
 
 def _is_export(path) -> bool:

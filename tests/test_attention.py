@@ -6,7 +6,10 @@ from PIL import Image
 
 from dino_simpool.export import export_backbone
 from dino_simpool.models.backbones import build_backbone
-from eval.attention import MIN_PANEL, TITLE_H, attention_panels, main, save_attention_pngs, upsample
+from eval.attention import MIN_PANEL, TITLE_H, _minmax, attention_panels, colormap, main, save_attention_pngs, \
+    upsample
+from eval.discovery import cumulative_mass_mask
+from eval.maps import to_tensor
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
 
@@ -74,8 +77,8 @@ def test_attention_cli_on_files_and_folders(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--checkpoint", str(tmp_path / "exp"), "--images", str(imgs), "--output_dir", str(out),
                  "--threshold", "0.6"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
-    with Image.open(out / "two.png") as im:
+    assert sorted(p.name for p in out.iterdir()) == ["one.png", "sub__two.png"]
+    with Image.open(out / "sub__two.png") as im:
         assert im.size == expected_size(24, 40, 4)
     assert main(["--checkpoint", str(tmp_path / "exp"), "--output_dir", str(tmp_path / "emb"), "--num_images", "2",
                  "--synthetic_size", "32", "--image_size", "48", "--combined", str(tmp_path / "all.png")]) == 0
@@ -92,3 +95,83 @@ def test_attention_cli_on_files_and_folders(tmp_path, capsys):
 def test_threshold_validated():
     with pytest.raises(ValueError, match="mass fraction"):
         save_attention_pngs(build_backbone("vit_tiny", pooling="simpool", **TINY), [], "unused", threshold=0.0)
+
+
+def _expected_mass_panel(shown, attn, threshold, size):
+    keep = upsample(cumulative_mass_mask(attn, threshold).astype(float), size, "nearest") > 0.5
+    return (shown * np.where(keep[..., None], 1.0, 0.25)).round().astype(np.uint8), keep
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_simpool_panels_are_the_models_map(interpolation):
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", pooling="simpool", **TINY).eval()
+    img, size = rgb(40, 48, 3), (40, 48)
+    panels, got_size = attention_panels(model, img, threshold=0.6, interpolation=interpolation)
+    assert got_size == size
+    with torch.no_grad():
+        attn = model.attention_maps(to_tensor(img, size)[None])["pool"][0].numpy()
+    assert attn.shape == (5, 6)
+    want = colormap(_minmax(upsample(attn, size, interpolation)))
+    titles = [t for t, _ in panels]
+    np.testing.assert_array_equal(panels[titles.index("simpool attention")][1], want)
+    shown = np.asarray(img)
+    np.testing.assert_array_equal(panels[0][1], shown)
+    want_mass, keep = _expected_mass_panel(shown, attn, 0.6, size)
+    np.testing.assert_array_equal(panels[titles.index("mass 0.6")][1], want_mass)
+    # exactly the patches of the mask are kept: whole 8x8 blocks, as many as the mask has
+    assert keep[::8, ::8].sum() == cumulative_mass_mask(attn, 0.6).sum() and 0 < keep.mean() < 1
+
+
+def test_cls_panels_are_each_heads_map_and_the_mean_over_blocks():
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", pooling="cls", **TINY).eval()
+    img, size = rgb(32, 40, 4), (32, 40)
+    panels, _ = attention_panels(model, img, threshold=0.5)
+    with torch.no_grad():
+        maps = model.attention_maps(to_tensor(img, size)[None])
+    heads, mean_blocks = maps["heads"][0].numpy(), maps["mean_blocks"][0].numpy()
+    got = dict(panels)
+    for i, hm in enumerate(heads):
+        np.testing.assert_array_equal(got[f"head {i}"], colormap(_minmax(upsample(hm, size))))
+    np.testing.assert_array_equal(got["mean over blocks"], colormap(_minmax(upsample(mean_blocks, size))))
+    assert not np.array_equal(got["head 0"], got["head 1"])
+    want_mass, _ = _expected_mass_panel(np.asarray(img), heads.mean(0), 0.5, size)
+    np.testing.assert_array_equal(got["mass 0.5"], want_mass)  # the mask is taken on the head mean
+
+
+def test_same_named_images_do_not_overwrite_each_other(tmp_path, capsys):
+    model = build_backbone("vit_tiny", pooling="simpool", **TINY)
+    export_backbone(model, tmp_path / "exp")
+    imgs = tmp_path / "imgs"
+    (imgs / "a").mkdir(parents=True)
+    (imgs / "b").mkdir()
+    rgb(32, 32, 0).save(imgs / "a" / "x.png")
+    rgb(32, 32, 1).save(imgs / "b" / "x.jpg")
+    rgb(32, 32, 2).save(imgs / "x.png")
+    rgb(32, 32, 3).save(imgs / "x.jpg")
+    rgb(32, 32, 4).save(tmp_path / "x.png")  # a file given directly, same stem again
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(tmp_path / "exp"), "--images", str(imgs), str(tmp_path / "x.png"),
+                 "--output_dir", str(out), "--device", "cpu"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a__x.png", "b__x.png", "x_jpg.png", "x_png.png", "x_png_2.png"]
+    assert "wrote 5 attention picture(s)" in capsys.readouterr().out
+    pictures = [np.asarray(Image.open(out / n)) for n in names]
+    assert len({p.tobytes() for p in pictures}) == 5  # five different pictures, none overwritten
+    # library use: paths with equal stems get unique names too; duplicate explicit names are refused
+    paths = save_attention_pngs(model, [imgs / "a" / "x.png", imgs / "b" / "x.jpg"], tmp_path / "lib")
+    assert [p.name for p in paths] == ["x_png.png", "x_jpg.png"]
+    with pytest.raises(ValueError, match="unique"):
+        save_attention_pngs(model, [rgb(32, 32), rgb(32, 32)], tmp_path / "dup", names=["a", "a"])
+
+
+def test_large_images_are_scaled_to_max_size():
+    model = build_backbone("vit_tiny", pooling="simpool", **TINY)
+    img = rgb(120, 200, 5)
+    _, size = attention_panels(model, img, max_size=64)
+    assert size == (40, 64)  # aspect kept, longest side 64, multiples of the patch (8)
+    _, size = attention_panels(model, img, max_size=None)
+    assert size == (120, 200)  # full size
+    _, size = attention_panels(model, rgb(24, 40), max_size=64)
+    assert size == (24, 40)  # never scaled up

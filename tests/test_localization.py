@@ -96,6 +96,47 @@ def test_attention_box_largest_component_scaled_to_image():
     assert box == (24.0, 32.0, 56.0, 64.0)
 
 
+def test_attention_box_non_square_map_and_image():
+    # (h, w) = (4, 8) map on a (H, W) = (40, 160) image: 10 px per row, 20 px per column
+    a = np.zeros((4, 8))
+    a[1:3, 5:8] = 1.0
+    assert attention_box(a, image_size=(40, 160), mass=1.0) == (100.0, 10.0, 160.0, 30.0)
+    # swapping the axes' scales would give (50, 20, 80, 60); a square-only test could not tell
+    assert corloc([attention_box(a, (40, 160), 1.0)], [[(100, 10, 160, 30)]]) == 100.0
+
+
+def test_attention_box_uses_4_connectivity():
+    # a diagonal of 3 patches (one component only with 8-connectivity) vs a pair of side-by-side patches
+    a = np.zeros((6, 8))
+    a[0, 0] = a[1, 1] = a[2, 2] = 1.0
+    a[4, 5:7] = 1.0
+    assert attention_box(a, image_size=(48, 64), mass=1.0) == (40.0, 32.0, 56.0, 40.0)
+
+
+def test_lost_box_non_square_grid():
+    h, w = 4, 6
+    obj = np.zeros((h, w), bool)
+    obj[1:3, 3:6] = True
+    o, b = np.array([1.0, 0.0, 0.2]), np.array([-0.3, 1.0, 0.0])
+    feats = np.where(obj.reshape(-1, 1), o, b) + 0.01 * np.random.default_rng(1).standard_normal((h * w, 3))
+    box, seed = lost_box(feats, (h, w), image_size=(40, 120), k_patches=5)
+    assert obj.reshape(-1)[seed]
+    assert box == (60.0, 10.0, 120.0, 30.0)  # 20 px per column, 10 px per row
+
+
+def test_corloc_several_ground_truth_boxes():
+    gts = [
+        [(0, 0, 10, 10), (20, 20, 40, 40), (50, 0, 60, 10)],  # the prediction hits the second box only
+        [(0, 0, 10, 10), (20, 20, 40, 40), (50, 0, 60, 10)],  # covers two boxes: IoU 100/1600 and 400/1600
+        [(30, 30, 34, 34), (0, 0, 16, 16)],  # hits the last box (IoU 224/256)
+        [(0, 0, 8, 8), (8, 8, 16, 16)],  # covers both: IoU 64/256 with each -> miss
+    ]
+    preds = [(21, 21, 40, 40), (0, 0, 40, 40), (0, 0, 16, 14), (0, 0, 16, 16)]
+    assert corloc(preds, gts) == 50.0
+    assert corloc(preds, gts, iou_threshold=0.25) == 100.0  # IoU 0.25 exactly counts (>=)
+    assert corloc(preds[:2], gts[:2]) == 50.0 and corloc(preds[2:], gts[2:]) == 50.0
+
+
 def test_lost_finds_the_object_on_constructed_features():
     h, w = 8, 8
     obj = np.zeros((h, w), bool)
@@ -264,4 +305,9 @@ def test_metric_clis_clear_errors(tiny_setup, tmp_path, capsys):
     assert "no ground-truth box" in err and len(err.strip().splitlines()) == 1
     assert discovery.main(w + ["--data_path", str(r / "data")]) == 2
     assert "not a VOC folder" in capsys.readouterr().err
+    boxes["val/circle/00000.png"] = [1, 2, 3]
+    (tmp_path / "three.json").write_text(json.dumps(boxes))
+    assert localization.main(w + ["--data_path", str(r / "data" / "val"), "--boxes", str(tmp_path / "three.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'three.json'}: val/circle/00000.png: box 0 is [1, 2, 3]" in err and len(err.strip().splitlines()) == 1
     assert localization.main(["--pretrained_weights", str(tmp_path / "missing.pth")]) == 2
