@@ -1,10 +1,12 @@
 """README command 1 (``bash dev.sh demo``): pretrain a tiny SimPool ViT with DINO on the embedded dataset, on CPU, in
 a few minutes; then k-NN on the val split, next to the same network at random initialisation.
 
-    python -m dino_simpool.demo [--output_dir demo_output] [--epochs N] [--quick]
+    python -m dino_simpool.demo [--output_dir demo_output] [--epochs N] [--quick] [--keep] [--force]
 
 The run is an ordinary ``dino_simpool.train`` run (the exact command is printed, and ``config.yaml``, ``log.txt``,
 ``tb/`` and ``checkpoint.pth`` land in ``--output_dir``); the demo only adds the before/after k-NN comparison.
+A rerun replaces ``--output_dir`` only if the demo wrote it (``DEMO_MARKER``) or it is empty, else exits 2 unless
+``--force``.
 """
 from __future__ import annotations
 
@@ -17,29 +19,23 @@ from typing import Sequence
 
 import torch
 
-# The demo configuration: a 2-block, 64-wide SimPool ViT (2 heads, patch 4: 8x8 tokens on 32 px crops), 2 global
-# 32 px crops (scale 0.5-1) and 2 local 16 px crops (scale 0.2-0.5) of the 64 px images, head out_dim 64; AdamW, lr
-# 0.008 at batch 256 (1e-3 at batch 32), batch 32, 25 epochs of 1000 images (100 per class): 775 steps. Many small
-# steps matter more than model size here: the loader (~90-150 img/s on 2 cores) is the bottleneck, not the model.
+from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+
+# The demo configuration = the embedded-dataset defaults of the training CLI (``EMBEDDED_DEFAULTS`` in
+# dino_simpool/dino/config.py, what `dino-simpool-train` with no --data_path uses), minus the periodic k-NN (the demo
+# runs its own before/after k-NN): a 2-block, 64-wide SimPool ViT (2 heads, patch 4: 8x8 tokens on 32 px crops),
+# 2 global 32 px crops (scale 0.5-1) and 2 local 16 px crops (scale 0.2-0.5) of the 64 px images, head out_dim 64;
+# AdamW, lr 0.008 at batch 256 (1e-3 at batch 32), batch 32, 25 epochs of 1000 images (100 per class): 775 steps.
 # Teacher temperature 0.02 -> 0.04 over 3 epochs, momentum 0.99 (cosine to 1). Measured on the class-cue dataset
 # (SyntheticShapes: class hue + texture + shape; 2 runs sharing 2 cores), k-NN top-1 k=10 / k=20, random init vs DINO:
 #   this config: 32.2/32.6 -> 54.0/51.0;  same with out_dim 256 and momentum 0.996: -> 38.8/37.4;
 #   15 epochs: -> 37.8/35.6 (random 31.0/33.2, a draft of the cues); the earlier 3-block 96-wide config (8 epochs of
 #   2000 images, 248 steps): 37.4 -> 37.6 at k=20. With class-independent colours/textures (the earlier dataset)
-#   every configuration tried stayed at chance (10-12%). Full figures: README.md, "The demo".
-DEMO_FLAGS: dict[str, object] = {
-    "arch": "vit_tiny", "depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 4, "pooling": "simpool",
-    "gamma": 1.25,
-    "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2,
-    "global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5],
-    "synthetic_size": 64, "synthetic_per_class": 100,
-    "out_dim": 64, "use_bn_in_head": False, "norm_last_layer": True, "drop_path_rate": 0.0,
-    "optimizer": "adamw", "lr": 0.008, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1,
-    "warmup_epochs": 2, "momentum_teacher": 0.99, "warmup_teacher_temp": 0.02, "teacher_temp": 0.04,
-    "warmup_teacher_temp_epochs": 3, "freeze_last_layer": 1, "clip_grad": 3.0,
-    "batch_size_per_gpu": 32, "epochs": 25, "num_workers": 1, "eval_every": 0, "saveckp_freq": 100,
-    "log_every": 10, "seed": 0,
-}
+#   every configuration tried stayed at chance (10-12%). Full figures: README.md, "The demo"; where the time goes
+#   (data pipeline vs step): benchmarks/results/train_step.md.
+DEMO_FLAGS: dict[str, object] = {**EMBEDDED_DEFAULTS, "eval_every": 0, "log_every": 10, "seed": 0}
+# The demo writes this file into its --output_dir; only a folder carrying it (or an empty one) is deleted on a rerun.
+DEMO_MARKER = ".dino_simpool_demo"
 DEMO_KS = (10, 20)
 
 
@@ -81,6 +77,33 @@ def write_attention_maps(backbone: torch.nn.Module, cfg, out_dir: Path, num: int
     return [*paths, stack_pictures(paths, out_dir / "all.png")]
 
 
+def prepare_demo_dir(output_dir: str | Path, keep: bool = False, force: bool = False) -> Path:
+    """Make ``output_dir`` a fresh demo folder (or keep it with ``keep``) and mark it with ``DEMO_MARKER``.
+
+    An existing folder is deleted only if it carries the marker, is empty, or ``force`` is given; never the working
+    directory or one of its parents. Anything else raises ValueError with a one-line message naming ``--force``."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} exists and is not a folder; pass another --output_dir")
+    if out.exists() and not keep:
+        ours = (out / DEMO_MARKER).is_file()
+        empty = not any(out.iterdir())
+        if not (ours or empty or force):
+            raise ValueError(f"--output_dir {out} exists and was not written by the demo (no {DEMO_MARKER} file); "
+                             f"pass another --output_dir, --keep to train in it, or --force to delete it")
+        here = Path.cwd().resolve()
+        if out.resolve() in (here, *here.parents, Path.home().resolve()):
+            raise ValueError(f"--output_dir {out} is the working directory, one of its parents or the home "
+                             f"folder: the demo never deletes it, even with --force; pass another --output_dir")
+        shutil.rmtree(out)
+    fresh = not out.exists() or not any(out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh or (out / DEMO_MARKER).is_file():
+        (out / DEMO_MARKER).write_text("written by python -m dino_simpool.demo: a rerun of the demo deletes this "
+                                       "folder\n", encoding="utf-8")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dino_simpool.dino.config import parse_config
     from dino_simpool.dino.determinism import seed_all
@@ -91,17 +114,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help=f"default {DEMO_FLAGS['epochs']}")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 40 images per class (a smoke test, ~1 min)")
     ap.add_argument("--keep", action="store_true", help="resume an existing demo_output instead of starting afresh")
+    ap.add_argument("--force", action="store_true", help="delete an existing --output_dir even if the demo did not "
+                    "write it (by default only a folder with the demo's marker file, or an empty one, is replaced)")
     a = ap.parse_args(argv)
-    over = {}
+    over: dict[str, object] = {}
     if a.epochs is not None:
-        over["epochs"] = a.epochs
+        over.update(epochs=a.epochs, warmup_epochs=min(int(DEMO_FLAGS["warmup_epochs"]), a.epochs),
+                    warmup_teacher_temp_epochs=min(int(DEMO_FLAGS["warmup_teacher_temp_epochs"]), a.epochs))
     if a.quick:
         over.update(epochs=1, synthetic_per_class=40, warmup_epochs=0, warmup_teacher_temp_epochs=0)
-    out = Path(a.output_dir)
-    if out.exists() and not a.keep:
-        shutil.rmtree(out)
-    targv = demo_argv(str(out), **over)
-    cfg = parse_config(targv)
+    try:
+        targv = demo_argv(str(a.output_dir), **over)
+        cfg = parse_config(targv)
+        out = prepare_demo_dir(a.output_dir, keep=a.keep, force=a.force)
+    except ValueError as e:
+        print(f"dino-simpool demo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     print("[demo] pretraining a tiny SimPool ViT with DINO on the embedded dataset (CPU). Same as:")
     print("  python -m dino_simpool.train " + " ".join(targv), flush=True)

@@ -135,3 +135,126 @@ def test_eval_transform(image):
     assert y.shape == (3, 40, 40) and y.abs().max() < 0.02
     # Resize(256) resizes the shorter side
     assert eval_transform(64, 56)(Image.new("RGB", (200, 100))).shape == (3, 56, 56)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINO's random decisions, measured on the outputs (both backends). Images are designed so that each decision is
+# visible in a crop whatever the other operations do; mean 0 / std 1 keeps the outputs in [0, 1].
+N_CALLS = 300
+PLAIN = dict(mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def _const(level, size=24):
+    return Image.new("RGB", (size, size), (level, level, level))
+
+
+def _rate(flags):
+    return float(np.mean(flags))
+
+
+@pytest.mark.parametrize("backend", ["fast", "v2"])
+def test_solarization_only_on_second_global_crop(backend):
+    """A bright grey image (230): with brightness in [0.6, 1.4] it stays >= 0.54, so a crop is solarised iff it ends
+    up below 0.5. DINO: global crop 2 with p = 0.2, never global crop 1 or the local crops."""
+    aug = MultiCropAugmentation((0.5, 1.0), (0.3, 0.5), 2, global_size=12, local_size=8, backend=backend, **PLAIN)
+    torch.manual_seed(0)
+    sol = np.array([[float(c.mean()) < 0.5 for c in aug(_const(230))] for _ in range(N_CALLS)])
+    assert _rate(sol[:, 0]) == 0.0 and _rate(sol[:, 2:]) == 0.0
+    assert abs(_rate(sol[:, 1]) - 0.2) < 0.07, _rate(sol[:, 1])
+
+
+@pytest.mark.parametrize("backend", ["fast", "v2"])
+def test_colour_jitter_rate(backend):
+    """A flat grey image (102): only the brightness factor of the colour jitter changes it (contrast, saturation,
+    hue, grayscale and blur leave a flat grey as it is). DINO: jitter with p = 0.8 on every crop."""
+    aug = MultiCropAugmentation((0.5, 1.0), (0.3, 0.5), 2, global_size=12, local_size=8, backend=backend, **PLAIN)
+    torch.manual_seed(1)
+    changed = np.array([[abs(float(c.mean()) - 102 / 255) > 1e-4 for c in aug(_const(102))] for _ in range(N_CALLS)])
+    for k in range(changed.shape[1]):  # each crop, global and local
+        assert abs(_rate(changed[:, k]) - 0.8) < 0.075, (k, _rate(changed[:, k]))
+    assert abs(_rate(changed) - 0.8) < 0.04
+
+
+@pytest.mark.parametrize("backend", ["fast", "v2"])
+def test_flip_rate(backend):
+    """Dark left half, lighter right half (both below the solarisation threshold even at brightness 1.4), nearly
+    full crops: a crop is flipped iff its left third is lighter than its right third. DINO: p = 0.5, every crop."""
+    a = np.full((32, 32, 3), 20, np.uint8)
+    a[:, 16:] = 80
+    img = Image.fromarray(a)
+    aug = MultiCropAugmentation((0.95, 1.0), (0.95, 1.0), 2, global_size=16, local_size=12, backend=backend, **PLAIN)
+    torch.manual_seed(2)
+    flipped = []
+    for _ in range(N_CALLS):
+        for c in aug(img):
+            w = c.shape[-1] // 3
+            flipped.append(float(c[..., :w].mean()) > float(c[..., -w:].mean()))
+    assert abs(_rate(flipped) - 0.5) < 0.05, _rate(flipped)
+
+
+@pytest.mark.parametrize("backend", ["fast", "v2"])
+def test_blur_rates(backend):
+    """Grey pixel noise at the crop size with full-image crops (no resampling): a crop is blurred iff neighbouring
+    pixels become correlated (sigma >= 1 here; colour jitter and grayscale act per pixel on grey and keep the noise
+    uncorrelated). DINO: global crop 1 always, global crop 2 with p = 0.1, each local crop with p = 0.5."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(80, 176, (16, 16, 1), dtype=np.uint8).repeat(3, axis=2)
+    img = Image.fromarray(noise)
+    aug = MultiCropAugmentation((1.0, 1.0), (1.0, 1.0), 4, global_size=16, local_size=16, blur_sigma=(1.0, 2.0),
+                                backend=backend, **PLAIN)
+
+    def lag1(c):
+        x = c[0] - c[0].mean()
+        return float((x[:, 1:] * x[:, :-1]).sum() / (x * x).sum().clamp(min=1e-12))
+
+    torch.manual_seed(3)
+    blurred = np.array([[lag1(c) > 0.4 for c in aug(img)] for _ in range(N_CALLS)])
+    assert _rate(blurred[:, 0]) == 1.0
+    assert abs(_rate(blurred[:, 1]) - 0.1) < 0.05, _rate(blurred[:, 1])
+    assert abs(_rate(blurred[:, 2:]) - 0.5) < 0.05, _rate(blurred[:, 2:])
+
+
+def _recorded_crop_areas(monkeypatch, backend, n_calls, size=64):
+    """Area fractions of the crops each transform cut (global crops first), recorded inside the backends."""
+    areas = []
+    if backend == "fast":
+        orig = A.random_resized_crop_params
+
+        def rec(height, width, scale, *args, **kw):
+            top, left, h, w = orig(height, width, scale, *args, **kw)
+            areas.append(h * w / (height * width))
+            return top, left, h, w
+        monkeypatch.setattr(A, "random_resized_crop_params", rec)
+    else:
+        from torchvision.transforms import v2
+        orig = v2.RandomResizedCrop.make_params
+
+        def rec(self, flat_inputs):
+            p = orig(self, flat_inputs)
+            areas.append(p["height"] * p["width"] / size ** 2)
+            return p
+        monkeypatch.setattr(v2.RandomResizedCrop, "make_params", rec)
+    aug = MultiCropAugmentation((0.14, 1.0), (0.05, 0.14), 2, global_size=16, local_size=8, backend=backend)
+    img = _const(128, size)
+    torch.manual_seed(4)
+    for _ in range(n_calls):
+        aug(img)
+    a = np.array(areas).reshape(n_calls, 4)
+    return a[:, :2].ravel(), a[:, 2:].ravel()
+
+
+@pytest.mark.parametrize("backend", ["fast", "v2"])
+def test_crop_scale_ranges(backend, monkeypatch):
+    """RandomResizedCrop area fractions: global crops within the global scale range, local within the local range
+    (up to pixel rounding), spread over the whole range, with torchvision's distribution (same mean)."""
+    from torchvision.transforms import v2
+    g, loc = _recorded_crop_areas(monkeypatch, backend, 200)
+    slack = 0.02  # integer crop sides
+    assert g.min() >= 0.14 - slack and g.max() <= 1.0 and loc.min() >= 0.05 - slack and loc.max() <= 0.14 + slack
+    assert g.min() < 0.25 and g.max() > 0.85 and loc.min() < 0.06 and loc.max() > 0.13
+    monkeypatch.undo()
+    torch.manual_seed(5)
+    ref = {s: np.mean([h * w / 64 ** 2 for _, _, h, w in
+                       (v2.RandomResizedCrop.get_params(torch.zeros(3, 64, 64), list(s), [3 / 4, 4 / 3])
+                        for _ in range(2000))]) for s in ((0.14, 1.0), (0.05, 0.14))}
+    assert abs(g.mean() - ref[(0.14, 1.0)]) < 0.05 and abs(loc.mean() - ref[(0.05, 0.14)]) < 0.01

@@ -251,7 +251,7 @@ def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
     out = tmp_path / "run"
     args = model_args + TINY_DATA + TINY_OPT + ["--epochs", "1", "--warmup_epochs", "0",
                                                  "--warmup_teacher_temp_epochs", "0", "--batch_size_per_gpu", "4",
-                                                 "--output_dir", str(out)]
+                                                 "--eval_every", "1", "--nb_knn", "1", "3", "--output_dir", str(out)]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "TQDM_DISABLE": "1", "DINO_SIMPOOL_TEST_DUMP_RANKS": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dino_simpool.train", *args],
@@ -266,16 +266,21 @@ def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
     assert len(ck["rng"]["per_rank"]) == 2
     # the teacher actually changed (EMA of a trained student), and equals what rank 0 saved
     assert [k for k in t0 if not torch.equal(t0[k], ck["teacher"][k])] == []
+    # the periodic k-NN ran with 2 ranks (sharded extraction, gathered) and was logged once, by rank 0
+    rec = [r for r in read_json_log(out / "log.txt") if "k-NN" in r]
+    assert len(rec) == 1 and set(rec[0]["k-NN"]) == {"1", "3"}, r.stdout[-2000:]
+    assert all(0.0 <= v["top1"] <= v["top5"] <= 100.0 for v in rec[0]["k-NN"].values())
 
 
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     """The README demo path (train + before/after k-NN) on its --quick setting; not a claim about its accuracy."""
-    from dino_simpool.demo import main as demo_main
+    from dino_simpool.demo import DEMO_MARKER, main as demo_main
     assert demo_main(["--quick", "--output_dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "random init" in out and "DINO 1 epochs" in out
     assert (tmp_path / "demo" / "checkpoint.pth").is_file()
+    assert (tmp_path / "demo" / DEMO_MARKER).is_file()  # a rerun may replace this folder
 
 
 def test_signal_during_startup_is_honoured(tmp_path):
@@ -299,3 +304,92 @@ def test_signal_during_startup_is_honoured(tmp_path):
     assert r.returncode == 75, r.stderr[-2000:]
     ck = load_checkpoint(out / "checkpoint.pth")
     assert ck["iteration"] == 1 and ck["iter_in_epoch"] == 1
+
+
+def test_no_arguments_trains_on_the_embedded_defaults(tmp_path, capsys):
+    """No --data_path: every flag not given takes the embedded-dataset default (the demo's configuration), and the
+    run says so; a flag given explicitly still wins."""
+    import yaml
+
+    from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert main(["--max_iters", "1", "--output_dir", str(out)]) == 0
+    assert time.perf_counter() - t0 < 90  # was ResNet-50 on 224 px crops, batch 64, out_dim 60000 (~25 GB)
+    stdout = capsys.readouterr().out
+    assert sum("no --data_path" in line for line in stdout.splitlines()) == 1
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert {k: ck["config"][k] for k in EMBEDDED_DEFAULTS} == EMBEDDED_DEFAULTS
+    assert ck["config"]["backbone"]["arch"] == "vit_tiny" and ck["config"]["backbone"]["embed_dim"] == 64
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["gamma"] == 1.25 and saved["drop_path_rate"] == 0.0 and saved["data_path"] is None
+    out2 = tmp_path / "explicit"
+    assert main(["--max_iters", "1", "--output_dir", str(out2), "--batch_size_per_gpu", "16", "--num_workers", "0",
+                 "--out_dim", "32"]) == 0
+    c = load_checkpoint(out2 / "checkpoint.pth")["config"]
+    assert (c["batch_size_per_gpu"], c["num_workers"], c["out_dim"]) == (16, 0, 32)
+    assert c["lr"] == EMBEDDED_DEFAULTS["lr"] and c["iterations_per_epoch"] == 1000 // 16
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_unusable_output_dir_exit_2(tmp_path, kind, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = f if kind == "file" else f / "sub"
+    rc = main(TINY + ["--output_dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "--output_dir" in lines[0] and "Traceback" not in err
+    assert f.read_text() == "x"
+
+
+def test_teacher_gets_the_students_gamma():
+    """Official bug: the ViT teacher was built without --gamma (always 1.25). Here both get the flag's value."""
+    from dino_simpool.dino.config import parse_config
+    from dino_simpool.dino.trainer import build_student_teacher
+    for gamma, want in (("2.0", 2.0), ("None", None), ("default", 1.25)):
+        cfg = parse_config(TINY_VIT + ["--gamma", gamma, "--out_dim", "16"])
+        student, teacher = build_student_teacher(cfg)
+        assert student.backbone.pool.gamma == want
+        assert teacher.backbone.pool.gamma == student.backbone.pool.gamma
+        assert teacher.backbone.config["gamma"] == student.backbone.config["gamma"] == want
+        assert teacher.state_dict().keys() == student.state_dict().keys()
+
+
+def test_knn_eval_unwraps_a_wrapped_teacher(tmp_path):
+    """The periodic k-NN takes the teacher's backbone through any ``.module`` wrapper, DDP included (the official
+    code used ``teacher.module.backbone`` / ``teacher.backbone`` by arch and crashed on the other case)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from dino_simpool.data import build_dataset
+    from dino_simpool.dino.augment import eval_transform
+    from dino_simpool.dino.config import parse_config
+    from dino_simpool.dino.trainer import build_student_teacher, knn_eval, unwrap
+
+    class Wrapper(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    cfg = parse_config(TINY + ["--nb_knn", "1", "3", "--output_dir", str(tmp_path)])
+    cfg.resolve("cpu")
+    student, teacher = build_student_teacher(cfg)
+    assert unwrap(teacher) is teacher and unwrap(Wrapper(Wrapper(teacher))) is teacher
+    tf = eval_transform(resize=36, crop=32)
+    sets = (build_dataset(None, "train", transform=tf, image_size=32, images_per_class=2),
+            build_dataset(None, "val", transform=tf, image_size=32, images_per_class=2))
+    cpu = torch.device("cpu")
+    plain = knn_eval(teacher, cfg, sets, cpu)
+    assert set(plain) == {"1", "3"}
+    assert knn_eval(Wrapper(teacher), cfg, sets, cpu) == plain
+    # a real DistributedDataParallel teacher (DINO wraps it when the model has BatchNorm), one gloo rank
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for p in teacher.parameters():  # DDP refuses a module without trainable parameters
+            p.requires_grad_(True)
+        ddp = nn.parallel.DistributedDataParallel(teacher)
+        assert unwrap(ddp) is teacher
+        assert knn_eval(ddp, cfg, sets, cpu) == plain
+    finally:
+        dist.destroy_process_group()

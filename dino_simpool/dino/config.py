@@ -1,14 +1,19 @@
 """The training configuration: DINO/SimPool flag names → one ``TrainConfig`` dataclass.
 
-Layering (later wins): the dataclass defaults ← ``--config recipe.yaml`` ← flags given on the command line.
+Layering (later wins): the dataclass defaults ← the embedded-dataset defaults (only when no ``--data_path`` is given;
+``[embedded: ...]`` below) ← ``--config recipe.yaml`` ← flags given on the command line.
 
 Which defaults: those of SimPool's ``main_dino.py`` (the official fork this project re-implements), so that every
 official SimPool command line means the same thing here; where DINO's ``main_dino.py`` differs, its value is given in
 the help text as ``[DINO: ...]``. Deliberate departures, each stated in its help: ``--gamma`` defaults to the
 architecture's own value (1.25 ViT, 2.0 CNN; the official CLI says 2.0 but then gives the ViT teacher 1.25),
 ``--precision`` defaults to fp32 on CPU and bf16 on CUDA, ``--num_workers`` is capped at the CPU count, and
-``--backend`` follows the device (nccl on GPU, gloo on CPU). The defaults describe an ImageNet-scale ResNet-50 run;
-``python -m dino_simpool.demo`` is the few-minute CPU run, and ``launch/recipes/`` holds the paper's runs.
+``--backend`` follows the device (nccl on GPU, gloo on CPU), ``--drop_path_rate`` defaults per family (0.1 ViT as
+DINO, 0.0 ResNet and 0.4 ConvNeXt as the official models), and ``--pooling`` defaults to simpool (official:
+``--mode official``, DINO's pooling). The defaults describe an ImageNet-scale ResNet-50 run; with no ``--data_path``
+(the embedded dataset) every flag not given takes the embedded-dataset default instead (``EMBEDDED_DEFAULTS``: the
+demo's few-minute CPU configuration, shown as ``[embedded: ...]`` in ``--help``). ``launch/recipes/`` holds the
+paper's runs.
 """
 from __future__ import annotations
 
@@ -21,10 +26,42 @@ from typing import Any, Sequence
 
 import yaml
 
+from dino_simpool.models.backbones import (CONVNEXT_ARCHS, DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, RESNET_ARCHS,
+                                           VIT_ARCHS, list_archs)
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 # --mode official = DINO's own pooling: [CLS] for ViTs, global average pooling for CNNs (resolved with --arch)
 MODES = {"official": "official", "simpool": "simpool"}
+AUG_BACKENDS = ("fast", "v2")
+# --drop_path_rate when not given: DINO's 0.1 for ViTs; the official ResNet-50 has no stochastic depth; the official
+# SimPool ConvNeXt hard-codes 0.4 (student and teacher; here the student only, as every teacher)
+DROP_PATH_DEFAULTS = {"vit": 0.1, "resnet": 0.0, "convnext": 0.4}
+
+# With no --data_path (the embedded SyntheticShapes dataset), every flag not given takes these values instead of the
+# ImageNet-scale defaults: the demo's configuration (python -m dino_simpool.demo; measured in README "The demo"), a
+# few minutes on 2 CPU cores. The ``MODEL_SHAPE_KEYS`` among them apply only when --arch is not given either.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "arch": "vit_tiny", "depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 4, "pooling": "simpool",
+    "gamma": 1.25, "drop_path_rate": 0.0,
+    "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2,
+    "global_crops_scale": [0.5, 1.0], "local_crops_scale": [0.2, 0.5],
+    "synthetic_size": 64, "synthetic_per_class": 100,
+    "out_dim": 64, "use_bn_in_head": False, "norm_last_layer": True,
+    "optimizer": "adamw", "lr": 0.008, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1,
+    "warmup_epochs": 2, "momentum_teacher": 0.99, "warmup_teacher_temp": 0.02, "teacher_temp": 0.04,
+    "warmup_teacher_temp_epochs": 3, "freeze_last_layer": 1, "clip_grad": 3.0,
+    "batch_size_per_gpu": 32, "epochs": 25, "num_workers": 1, "saveckp_freq": 100,
+}
+MODEL_SHAPE_KEYS = ("arch", "depth", "embed_dim", "num_heads", "patch_size", "gamma", "drop_path_rate")
+
+
+def arch_family(arch: str) -> str:
+    """``vit``, ``resnet`` or ``convnext`` for a registry arch; ValueError listing the accepted ones otherwise."""
+    for family, archs in (("vit", VIT_ARCHS), ("resnet", RESNET_ARCHS), ("convnext", CONVNEXT_ARCHS)):
+        if arch in archs:
+            return family
+    raise ValueError(f"--arch must be one of {', '.join(list_archs())}; got {arch!r}")
 
 
 def bool_flag(s: Any) -> bool:
@@ -76,7 +113,7 @@ class TrainConfig:
     norm_last_layer: bool = True
     momentum_teacher: float = 0.996
     use_bn_in_head: bool = True
-    drop_path_rate: float = 0.1
+    drop_path_rate: float | None = None  # None = per family (DROP_PATH_DEFAULTS)
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
@@ -103,6 +140,7 @@ class TrainConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.14)
     global_crops_size: int = 224
     local_crops_size: int = 96
+    aug_backend: str = "fast"
     # --- data ---
     data_path: str | None = None
     subset: int = -1
@@ -167,6 +205,8 @@ class TrainConfig:
         for name in ("momentum_teacher", "warmup_teacher_temp", "teacher_temp", "weight_decay", "weight_decay_end",
                      "clip_grad", "lr", "min_lr", "drop_path_rate", "temperature"):
             v = getattr(self, name)
+            if v is None and name == "drop_path_rate":
+                continue  # resolved from --arch below
             try:
                 if isinstance(v, bool):
                     raise ValueError
@@ -189,11 +229,19 @@ class TrainConfig:
         if not self.nb_knn or min(self.nb_knn) < 1:
             err(f"--nb_knn must be positive integers; got {self.nb_knn!r}")
 
-        # choices
+        # choices; then the per-architecture defaults (written resolved into config.yaml and checkpoints)
         self.arch = str(self.arch)
+        family = arch_family(self.arch)
         self.pooling = str(self.pooling).lower()
         if self.pooling == "official":
-            self.pooling = "cls" if self.arch.startswith(("vit", "deit")) else "gap"
+            self.pooling = "cls" if family == "vit" else "gap"
+        if self.gamma == "default":
+            self.gamma = DEFAULT_GAMMA_VIT if family == "vit" else DEFAULT_GAMMA_CNN
+        if self.drop_path_rate is None:
+            self.drop_path_rate = DROP_PATH_DEFAULTS[family]
+        self.aug_backend = str(self.aug_backend).lower()
+        if self.aug_backend not in AUG_BACKENDS:
+            err(f"--aug_backend must be one of {', '.join(AUG_BACKENDS)}; got {self.aug_backend!r}")
         if self.precision is not None:
             self.precision = str(self.precision).lower()
             if self.precision not in PRECISIONS:
@@ -330,18 +378,30 @@ for _f in dataclasses.fields(TrainConfig):
     setattr(_DEFAULTS, _f.name, _f.default)
 
 
+def _fmt_default(d: Any) -> str:
+    return " ".join(str(x) for x in d) if isinstance(d, (list, tuple)) else str(d)
+
+
 def _h(text: str, name: str | None = None) -> str:
+    """Help text with the default and, where it differs, the embedded-dataset default."""
     if name is None:
         return text
     d = getattr(_DEFAULTS, name)
-    if isinstance(d, tuple):
-        d = " ".join(str(x) for x in d)
-    return f"{text} (default: {d})"
+    e = EMBEDDED_DEFAULTS.get(name, d)
+    emb = "" if e == d else f" [embedded: {_fmt_default(e)}]"
+    return f"{text} (default: {_fmt_default(d)}){emb}"
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: <message naming the flag> (see --help)``, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """All flags default to SUPPRESS so that only those given on the command line override the YAML recipe."""
-    p = argparse.ArgumentParser(
+    p = _OneLineErrorParser(
         "dino-simpool-train",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
         argument_default=argparse.SUPPRESS,
@@ -350,15 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=str, help="YAML recipe (keys = flag names); flags on the command line override it")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", type=str, help=_h("backbone: vit_tiny/small/base, resnet18/34/50, convnext_tiny/small/base, "
-                                              "resnet_test, convnext_test, ... [DINO: vit_small]", "arch"))
+    g.add_argument("--arch", type=str, help=_h(f"backbone: {', '.join(list_archs())} [DINO: vit_small]", "arch"))
     g.add_argument("--mode", type=str, choices=sorted(MODES), help="official SimPool alias: official = DINO's pooling (--pooling cls for "
                    "ViTs, gap for CNNs), simpool = --pooling simpool")
     g.add_argument("--pooling", type=str, help=_h("pooling of the backbone (any registry name; cls = DINO's [CLS] for "
-                                                 "ViTs / global average for CNNs)", "pooling"))
+                                                 "ViTs / global average for CNNs). A departure: the official "
+                                                 "--mode defaults to official (DINO's pooling); here SimPool is the "
+                                                 "default, so pass --mode official for the baseline", "pooling"))
     g.add_argument("--gamma", type=float_or_none, help="SimPool's gamma: a number, None (no power) or default "
-                   "(default: default = 1.25 for ViTs, 2.0 for CNNs, the paper's values; the official CLI default "
-                   "is 2.0 but its ViT teacher silently used 1.25; here student and teacher always share gamma)")
+                   "(default: default = 1.25 for ViTs, 2.0 for CNNs, the paper's values, written resolved into "
+                   "config.yaml; the official CLI default is 2.0 but its ViT teacher silently used 1.25; here "
+                   "student and teacher always share gamma)")
     g.add_argument("--patch_size", type=int, help=_h("ViT patch size", "patch_size"))
     g.add_argument("--out_dim", type=int, help=_h("dimensionality of the DINO head output [DINO: 65536]", "out_dim"))
     g.add_argument("--norm_last_layer", type=bool_flag, help=_h("weight-normalise the head's last layer (True/False)",
@@ -367,11 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "momentum_teacher"))
     g.add_argument("--use_bn_in_head", type=bool_flag, help=_h("BatchNorm in the head MLP (True/False) [DINO: False]",
                                                                "use_bn_in_head"))
-    g.add_argument("--drop_path_rate", type=float, help=_h("stochastic depth of the student (teacher: 0)",
-                                                           "drop_path_rate"))
-    g.add_argument("--depth", type=_int_or_none, help="ViT depth override (tiny models)")
-    g.add_argument("--embed_dim", type=_int_or_none, help="ViT width override (tiny models)")
-    g.add_argument("--num_heads", type=_int_or_none, help="ViT heads override (tiny models)")
+    g.add_argument("--drop_path_rate", type=float, help="stochastic depth of the student (teacher: 0) (default: "
+                   "per family: 0.1 for ViTs as DINO, 0.0 for ResNets and 0.4 for ConvNeXts as the official models; "
+                   "the official CLI passes 0.1 to every arch but its ResNet has no drop-path and its ConvNeXt "
+                   "hard-codes 0.4) [embedded: 0.0]")
+    g.add_argument("--depth", type=_int_or_none,
+                   help=_h("ViT depth override (tiny models; None = the arch's)", "depth"))
+    g.add_argument("--embed_dim", type=_int_or_none,
+                   help=_h("ViT width override (tiny models; None = the arch's)", "embed_dim"))
+    g.add_argument("--num_heads", type=_int_or_none,
+                   help=_h("ViT heads override (tiny models; None = the arch's)", "num_heads"))
 
     g = p.add_argument_group("teacher temperature")
     g.add_argument("--warmup_teacher_temp", type=float, help=_h("initial teacher temperature", "warmup_teacher_temp"))
@@ -408,15 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "local_crops_scale"))
     g.add_argument("--global_crops_size", type=int, help=_h("global crop side in pixels", "global_crops_size"))
     g.add_argument("--local_crops_size", type=int, help=_h("local crop side in pixels", "local_crops_size"))
+    g.add_argument("--aug_backend", type=str, choices=AUG_BACKENDS,
+                   help=_h("multi-crop implementation: fast (batched kernels, same recipe and rates, ~3x faster on "
+                           "small crops) or v2 (stock torchvision.transforms.v2)", "aug_backend"))
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", type=str, help="ImageFolder root with train/ (and val/ for k-NN); left out = the "
-                   "embedded procedural dataset")
+                   "embedded procedural dataset, and every flag not given takes its [embedded: ...] value (the "
+                   "demo's configuration; the model-shape ones only if --arch is not given)")
     g.add_argument("--subset", type=int, help=_h("keep the first K images per class, -1 = all", "subset"))
     g.add_argument("--synthetic_size", type=int, help=_h("image side of the embedded dataset", "synthetic_size"))
     g.add_argument("--synthetic_per_class", type=_int_or_none, help="images per class of the embedded dataset "
-                   "(default: the dataset's own)")
-    g.add_argument("--num_workers", type=int, help="data-loading processes per rank (default: min(10, CPU count))")
+                   "(default: the dataset's own, 200) [embedded: 100]")
+    g.add_argument("--num_workers", type=int,
+                   help="data-loading processes per rank (default: min(10, CPU count)) [embedded: 1]")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", type=str, help=_h("checkpoints, log.txt, config.yaml, tb/", "output_dir"))
@@ -451,8 +523,19 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     layer: dict[str, Any] = {}
     if cli.get("config"):
         layer = load_yaml_layer(cli["config"])
-    merged = {**layer, **cli}
-    return TrainConfig.from_dict(merged)
+    return TrainConfig.from_dict(with_embedded_defaults({**layer, **cli}))
+
+
+def with_embedded_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (the flags set by the command line or a recipe) plus, when it has no ``data_path``, the
+    ``EMBEDDED_DEFAULTS`` for every flag it leaves out (the model-shape ones only when ``arch`` is left out too)."""
+    if given.get("data_path") is not None:
+        return dict(given)
+    base = dict(EMBEDDED_DEFAULTS)
+    if "arch" in given:
+        for k in MODEL_SHAPE_KEYS:
+            base.pop(k, None)
+    return {**base, **given}
 
 
 def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
@@ -471,5 +554,6 @@ def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_recipe(path: str | os.PathLike) -> TrainConfig:
-    """A recipe YAML alone (no command line) → ``TrainConfig``."""
-    return TrainConfig.from_dict(load_yaml_layer(path))
+    """A recipe YAML alone (no command line) → ``TrainConfig``; same result as ``parse_config(["--config", path])``
+    but for the ``config`` field."""
+    return TrainConfig.from_dict(with_embedded_defaults(load_yaml_layer(path)))

@@ -110,6 +110,21 @@ def make_loader(dataset, sampler, cfg: TrainConfig, device: torch.device) -> Dat
     )
 
 
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) if needed; ValueError with a one-line message if it cannot be a writable folder."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} exists and is not a folder; pass a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output_dir {out} cannot be created ({e.strerror or type(e).__name__}); "
+                         f"pass a writable folder path") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {out} is not writable; pass a writable folder path")
+    return out
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
@@ -165,6 +180,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None) 
     """Run (or resume) DINO pretraining as configured; returns the process exit code."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.resolve(device_type)
+    prepare_output_dir(cfg.output_dir)  # every rank, before any process group: a bad path stops all of them alike
     # Handlers go in first: a SIGUSR1/SIGTERM during start-up (data, models, resume) is then honoured at the first
     # iteration boundary instead of killing the process with nothing saved.
     preempt = PreemptionFlag().install()
@@ -183,16 +199,18 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     rank, world = D.get_rank(), D.get_world_size()
     main = rank == 0
     out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     log = Logger(out, main=main)
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     # ---------------- data (errors before any work)
+    if cfg.data_path is None:
+        log.info("no --data_path: training on the embedded SyntheticShapes dataset; flags not given take its small "
+                 "defaults (the demo's configuration, [embedded: ...] in --help; resolved values in config.yaml)")
     transform = MultiCropAugmentation(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                                      global_size=cfg.global_crops_size, local_size=cfg.local_crops_size)
+                                      global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
+                                      backend=cfg.aug_backend)
     data_kw = dict(subset=cfg.subset, image_size=cfg.synthetic_size, images_per_class=cfg.synthetic_per_class)
     train_set = build_dataset(cfg.data_path, "train", transform=transform, **data_kw)
     sampler = ResumableDistributedSampler(len(train_set), num_replicas=world, rank=rank, seed=cfg.seed,
@@ -316,6 +334,7 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
 
     nparams = sum(p.numel() for p in unwrap(student).parameters())
     log.info(f"dino-simpool: {cfg.arch} pooling={cfg.pooling} gamma={backbone_config.get('gamma')} "
+             f"drop_path={cfg.drop_path_rate:g} "
              f"params={nparams / 1e6:.2f}M | {len(train_set)} images, {niter} it/epoch x {cfg.epochs} epochs, "
              f"batch {cfg.batch_size_per_gpu}x{world} | {cfg.precision} on {device} | out {out}")
 
