@@ -221,7 +221,8 @@ def vote(sims: torch.Tensor, nbr_labels: torch.Tensor, ks: Sequence[int], T: flo
          ) -> dict[int, torch.Tensor]:
     """DINO's weighted vote for every k from one sorted ``max(k)`` neighbour list.
 
-    ``sims``/``nbr_labels``: (B, K), neighbours sorted by decreasing similarity, K >= max(ks).
+    ``sims``/``nbr_labels``: (B, K), neighbours sorted by decreasing similarity. A k above K (a bank smaller than k)
+    votes with all K neighbours but still reports ``min(5, k, C)`` predictions, as DINO's vote would with that k.
     Returns ``{k: (B, min(5, k, C)) predicted classes, best first}``. Per-class sums are accumulated in float64
     from DINO's fp32 weights ``exp(sim / T)``; ties between classes go to the lower class id.
     """
@@ -230,9 +231,10 @@ def vote(sims: torch.Tensor, nbr_labels: torch.Tensor, ks: Sequence[int], T: flo
     out: dict[int, torch.Tensor] = {}
     prev = 0
     for k in sorted(set(ks)):
-        if k > prev:
-            scores.scatter_add_(1, nbr_labels[:, prev:k], w[:, prev:k])
-            prev = k
+        n = min(k, sims.shape[1])
+        if n > prev:
+            scores.scatter_add_(1, nbr_labels[:, prev:n], w[:, prev:n])
+            prev = n
         m = min(5, k, num_classes)
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         out[k] = order[:, :m].clone()
@@ -283,13 +285,11 @@ def knn_classify(
     train_labels, test_labels, n_cls = _check_inputs(train_feats, train_labels, test_feats, test_labels, T, num_classes)
     n_bank, n_test = train_feats.shape[0], test_feats.shape[0]
 
-    eff = {}
     for k in ks:
         if k > n_bank:
             warnings.warn(f"k={k} is larger than the train bank ({n_bank} features); using all {n_bank} as neighbours "
                           f"(reported under k={k})", stacklevel=2)
-        eff[k] = min(k, n_bank)
-    kmax = max(eff.values())
+    kmax = min(max(ks), n_bank)
 
     if backend == "faiss":
         gpu_ok = faiss_gpu_available()
@@ -320,10 +320,9 @@ def knn_classify(
             tgt = test_labels[s:s + chunk].view(-1, 1)
             # vote in sub-chunks: the (rows, classes) score/sort buffers stay ~10 MB even for 1000 classes
             sub = max(1, (1 << 20) // n_cls)
-            parts = [vote(sims[v:v + sub], nbr[v:v + sub], sorted(set(eff.values())), T, n_cls)
-                     for v in range(0, sims.shape[0], sub)]
+            parts = [vote(sims[v:v + sub], nbr[v:v + sub], ks, T, n_cls) for v in range(0, sims.shape[0], sub)]
             for k in ks:
-                p = torch.cat([b[eff[k]] for b in parts])
+                p = torch.cat([b[k] for b in parts])
                 correct1[k] += int((p[:, :1] == tgt).sum())
                 correct5[k] += int((p == tgt).any(dim=1).sum())
                 if return_predictions:

@@ -111,6 +111,21 @@ def test_k_larger_than_bank_is_clamped_with_warning(backend):
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_k_above_bank_still_counts_min_5_k_predictions_in_top5(backend):
+    # 3 train images of classes 3, 4, 5 out of 6; the query is class 0, which got no vote. With k=10 the vote ranks
+    # the 3 voted classes first, then the 0-score classes by id (0, 1, 2): top-5 = min(5, k=10) = 5 predictions
+    # reach class 0; k=3 looks at 3 predictions only (the voted classes).
+    bank = torch.eye(3, 4)
+    labels = [3, 4, 5]
+    q = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    with pytest.warns(UserWarning, match="larger than the train bank"):
+        r = knn_classify(bank, labels, q, [0], ks=(3, 10), T=1.0, backend=backend, num_classes=6)
+    assert r == {3: (0.0, 0.0), 10: (0.0, 100.0)}
+    ref = ref_vote(bank.numpy(), np.array(labels), q.numpy(), np.array([0]), (3, 10), 1.0, 6)
+    assert ref == r
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_class_score_tie_goes_to_lower_class_id(backend):
     # two identical train vectors with classes 2 and 1: equal scores -> class 1 ranks first
     bank = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])

@@ -462,6 +462,12 @@ def test_harness_skips_without_root(monkeypatch):
         sc.SlurmCluster().start()
 
 
+def test_harness_never_skips_under_ci():
+    import slurm_cluster as sc
+    assert not sc.skip_allowed({"CI": "true"}) and not sc.skip_allowed({"CI": "1"})
+    assert sc.skip_allowed({}) and sc.skip_allowed({"CI": "false"})
+
+
 def test_harness_skips_when_slurm_missing_and_no_apt(monkeypatch):
     import slurm_cluster as sc
     monkeypatch.setattr(sc, "_which", lambda name: None)

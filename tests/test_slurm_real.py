@@ -1,7 +1,7 @@
 """dino-simpool-launch against a real one-node Slurm that this module starts (tests/slurm_cluster.py).
 
-Skipped, with the reason, only where the machine cannot run Slurm (not root, or Slurm missing and no apt-get).
-The CI machine is root with apt: there these tests run.
+Skipped, with the reason, only where the machine cannot run Slurm (not root, or Slurm missing and no apt-get), and
+never under CI (``CI=true``): there the same reason fails the tests. The CI machine is root with apt: there they run.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, SlurmUnavailable, skip_allowed
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -28,6 +28,9 @@ def slurm():
     try:
         cluster = SlurmCluster(cpus=2).start()
     except SlurmUnavailable as e:
+        if not skip_allowed():
+            pytest.fail(f"CI is set but no real Slurm could be started here: {e}. CI must run the Slurm tests "
+                        f"(run as root with apt-get available)")
         pytest.skip(f"no real Slurm here: {e}")
     print(f"[slurm] one-node cluster up in {time.time() - t0:.1f} s ({cluster.dir})")
     yield cluster
