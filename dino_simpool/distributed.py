@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-PORT_BASE, PORT_SPAN = 20000, 40000
+# Rendezvous ports 20000-32767: below Linux's default ephemeral range (32768-60999), so a port derived from the job id
+# does not collide with an outgoing connection's local port.
+PORT_BASE, PORT_SPAN = 20000, 12768
 
 
 @dataclass(frozen=True)

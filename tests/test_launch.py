@@ -449,6 +449,7 @@ def test_port_from_job_id():
     assert port_from_job_id("123456") == port_from_job_id(123456) == PORT_BASE + 123456 % PORT_SPAN
     assert port_from_job_id(PORT_SPAN + 7) == port_from_job_id(7)  # wraps, stays in range
     assert port_from_job_id(0) == PORT_BASE
+    assert PORT_BASE + PORT_SPAN <= 32768  # below Linux's default ephemeral port range
 
 
 # ------------------------------------------------------------------------------------------------------------------
