@@ -20,7 +20,7 @@ setup(
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
         "torch>=2.5",  # torch.serialization.get_unsafe_globals_in_checkpoint (weights_only loading)
         "torchvision>=0.20",
-        "timm>=1.0.9",
+        "timm>=1.0.10",  # 1.0.10 adds test_resnet / test_convnext (the tiny CNNs of the tests)
         "faiss-cpu>=1.8",
         "tensorboard>=2.14",
         "safetensors>=0.4",

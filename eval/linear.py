@@ -34,6 +34,7 @@ from .linear_heads import (
     FeatureExtractor,
     FlatFeatures,
     LinearHeads,
+    backbone_pooling,
     cosine_lr,
     default_feature_set,
     make_specs,
@@ -73,7 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint_key", default="teacher")
     f = p.add_argument_group("features")
     f.add_argument("--n_last_blocks", type=int, default=None,
-                   help="concatenate the last n blocks' [CLS]/pooled vectors (default 4 for ViTs, as DINO; 1 for CNNs)")
+                   help="concatenate the last n blocks' [CLS]/pooled vectors (default: 4 for a cls ViT, as DINO; 1, the "
+                        "single pooled vector, for SimPool and other poolings, as the SimPool paper, and for CNNs)")
     f.add_argument("--avgpool_patchtokens", type=bool_flag, nargs="?", const=True, default=False,
                    help="append the mean patch token of the last block (ViTs)")
     f.add_argument("--feature_sets", nargs="+", default=None,
@@ -106,7 +108,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("distributed")
     s.add_argument("--dist_url", default="env://")
     s.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
-    s.add_argument("--local_rank", type=int, default=0, help="ignored (torchrun sets LOCAL_RANK)")
+    s.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="ignored (torchrun / torch.distributed.launch set LOCAL_RANK)")
     return p
 
 
@@ -141,12 +144,15 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def feature_sets_for(args, is_vit: bool) -> list[str]:
-    """``--feature_sets`` if given, else DINO's single set from ``--n_last_blocks`` (4 for ViTs, 1 for CNNs by
-    default) and ``--avgpool_patchtokens``."""
+def feature_sets_for(args, is_vit: bool, pooling: str = "cls") -> list[str]:
+    """``--feature_sets`` if given, else one set from ``--n_last_blocks`` and ``--avgpool_patchtokens``.
+
+    ``--n_last_blocks`` defaults to 4 for a ``cls`` ViT (DINO's ViT-S/16 protocol) and to 1 otherwise: a SimPool (or
+    any other pooling) ViT is probed on its single pooled vector, as the SimPool paper does, and a CNN has only one."""
     if args.feature_sets:
         return list(args.feature_sets)
-    n = args.n_last_blocks if args.n_last_blocks is not None else (4 if is_vit else 1)
+    default_n = 4 if is_vit and pooling == "cls" else 1
+    n = args.n_last_blocks if args.n_last_blocks is not None else default_n
     return [default_feature_set(n, bool(args.avgpool_patchtokens))]
 
 
@@ -438,7 +444,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
 
     if backbone is None:
         backbone = build_model(args)
-    feature_sets = feature_sets_for(args, bool(getattr(backbone, "is_vit", True)))
+    feature_sets = feature_sets_for(args, bool(getattr(backbone, "is_vit", True)), backbone_pooling(backbone))
     backbone = backbone.to(device)
     extractor = FeatureExtractor(backbone, feature_sets)  # validates n_last_blocks vs CNN/depth; freezes
 

@@ -299,6 +299,19 @@ def test_config_rebuilds_the_model(arch, kw):
     torch.testing.assert_close(m2(x), m(x))
 
 
+@pytest.mark.parametrize("arch,shift", [("vit_small", True), ("convnext_test", True), ("resnet_test", False)])
+def test_gem_shifts_signed_features_and_clamps_post_relu_maps(arch, shift):
+    # ViT tokens and ConvNeXt maps are signed: GeM must shift them (p = 1 is then exactly GAP), not clamp at eps;
+    # ResNet maps are post-ReLU, where the classic clamp is right
+    m = tiny(arch, pooling="gem")
+    assert m.pool.shift is shift
+    tokens = torch.randn(2, 9, m.embed_dim)
+    m.pool.p.data.fill_(1.0)
+    if shift:
+        torch.testing.assert_close(m.pool(tokens), tokens.mean(1), atol=1e-5, rtol=1e-5)
+    assert tiny(arch, pooling="gem", shift=not shift).pool.shift is (not shift)  # an explicit option wins
+
+
 def test_pool_options_pass_through():
     m = tiny(qkv_bias=True)
     assert m.pool.wq.bias is not None and m.config["qkv_bias"] is True
@@ -318,6 +331,7 @@ def test_pool_options_pass_through():
         ("vit_small", dict(img_size=30, patch_size=8), "multiple"),
         ("resnet50", dict(pooling="otk", reduce="flatten"), "k\\*d wide"),
         ("vit_small", dict(img_size=(32, 24), patch_size=8, compat="official"), "not square"),
+        ("vit_small", dict(pooling="cls", min_over="batch"), "cls.*takes no pooling options.*min_over"),
     ],
 )
 def test_bad_options_raise_value_error(arch, kw, match):

@@ -73,3 +73,17 @@ def test_evaluator_cli_exits_2_on_a_text_file(tmp_path, capsys):
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and NOT_A_CHECKPOINT in err and "cfg.yaml" in err
+
+
+def test_save_atomic_gives_the_usual_file_mode_and_leaves_no_temporary(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_atomic({"w": torch.ones(2)}, tmp_path / "ck.pth")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # as torch.save/open would give, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))

@@ -243,7 +243,7 @@ def test_mismatched_head_checkpoint_is_a_clear_error(tmp_path):
     _run(tmp_path, "--lrs", "0.5")
     with pytest.raises(CheckpointError, match="does not match this run.*heads"):
         _run(tmp_path, "--lrs", "0.7")
-    with pytest.raises(CheckpointError, match="input dim 64 saved vs 128 from this backbone"):
+    with pytest.raises(CheckpointError, match="input dim 16 saved vs 32 from this backbone"):
         _run(tmp_path, "--lrs", "0.5", "--evaluate", model=TinyViT(dim=32))
     with pytest.raises(CheckpointError, match="num_labels 4 saved vs 10"):
         _run(tmp_path, "--lrs", "0.5", "--evaluate", "--num_labels", "10")
@@ -261,9 +261,16 @@ def test_cnn_with_n_last_blocks_is_a_clear_error(tmp_path):
     assert res["heads"][0]["in_dim"] == 12  # from the forward pass
 
 
-def test_vit_default_is_dino_n_last_blocks_4(tmp_path):
-    res = _run(tmp_path, "--epochs", "1", model=TinyViT(depth=5))
+def test_vit_default_is_dino_n_last_blocks_4_for_cls_and_1_for_simpool(tmp_path):
+    res = _run(tmp_path / "cls", "--epochs", "1", model=TinyViT(depth=5, pooling="cls"))
     assert res["heads"][0]["feature_set"] == "last4" and res["heads"][0]["in_dim"] == 64
+    res = _run(tmp_path / "sp", "--epochs", "1", model=TinyViT(depth=5, pooling="simpool"))
+    assert res["heads"][0]["feature_set"] == "last1" and res["heads"][0]["in_dim"] == 16
+
+
+def test_local_rank_alias_of_torch_distributed_launch():
+    args = linear.get_args_parser().parse_args(["--local-rank=3"])
+    assert args.local_rank == 3
 
 
 def test_num_labels_from_dataset_or_flag(tmp_path):

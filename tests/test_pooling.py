@@ -203,6 +203,15 @@ def test_how_output_matches_explicit_per_location_projection():
 
 
 @pytest.mark.parametrize("name", MULTI)
+def test_pool_all_checks_its_input_like_forward(name):
+    m = _build(name, k=3)
+    with pytest.raises(ValueError, match=f"dim={D}"):
+        m.pool_all(torch.randn(2, 9, D + 1))
+    with pytest.raises(ValueError, match="floating-point"):
+        m.pool_all(torch.ones(2, 9, D, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", MULTI)
 def test_multi_output_pool_all_and_reductions(name):
     m = _build(name, k=3, reduce="mean")
     fmap = torch.randn(2, D, 3, 3)

@@ -192,12 +192,17 @@ class ViTBackbone(Backbone):
         self.norm_order = norm_order
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         if pooling == "cls":
+            if pool_options:
+                raise ValueError(f"pooling='cls' (the ViT's own [CLS] token) takes no pooling options; got "
+                                 f"{', '.join(sorted(pool_options))}")
             self.pool = None
         else:
             opts: dict[str, Any] = {}
             if pooling == "simpool":
                 gamma = config["gamma"]
                 opts = dict(num_heads=1, gamma=gamma, use_beta=gamma is not None and norm_order == "ssl")
+            elif pooling == "gem":
+                opts = dict(shift=True)  # ViT tokens are signed: clamping at eps would drop every negative value
             opts.update(pool_options)
             self.pool = build_pooling(pooling, self.embed_dim, **opts)
         self.set_compat(config["compat"])
@@ -358,6 +363,8 @@ class CNNBackbone(Backbone):
             opts = dict(num_heads=1, gamma=config["gamma"], use_beta=False)
             if family == "resnet":
                 opts["init"] = "default"  # official ResNet keeps PyTorch's default Linear init
+        elif pooling == "gem" and family == "convnext":
+            opts = dict(shift=True)  # ConvNeXt maps are signed (ResNet's are post-ReLU, where GeM's clamp is right)
         opts.update(pool_options)
         self.pool = build_pooling(pooling, self.embed_dim, **opts)
         self.set_compat(config["compat"])

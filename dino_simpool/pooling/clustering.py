@@ -45,6 +45,7 @@ class MultiOutputPooling(Pooling):
     def pool_all(self, x: torch.Tensor, return_attention: bool = False):
         """All k outputs, (B, k, d), for tokens (B, N, d) or maps (B, d, H, W)."""
         tokens, grid = to_tokens(x)
+        self._check_tokens(tokens, grid is not None)
         z, a = self._pool_all(tokens)
         if not return_attention:
             return z
