@@ -230,6 +230,36 @@ def test_mismatched_checkpoint_exit_2(tmp_path, capsys):
     assert rc == 2 and "does not match" in capsys.readouterr().err
 
 
+def test_pretrained_weights_start_student_and_teacher(tmp_path, capsys):
+    from dino_simpool.dino.config import parse_config
+    from dino_simpool.dino.trainer import build_student_teacher, init_from_pretrained
+
+    first = tmp_path / "first"
+    assert main(TINY + ["--output_dir", str(first), "--max_iters", "2"]) == 0
+    donor = load_checkpoint(first / "checkpoint.pth")["teacher"]
+    donor_bb = {k[len("backbone."):]: v for k, v in donor.items() if k.startswith("backbone.")}
+    student, teacher = build_student_teacher(parse_config(TINY + ["--seed", "1"]))
+    assert any(not torch.equal(v, donor_bb[k]) for k, v in student.backbone.state_dict().items())  # not trivially equal
+    report = init_from_pretrained(student, teacher, str(first / "checkpoint.pth"), "teacher")
+    assert report["loaded"] == len(donor_bb)
+    for net in (student, teacher):
+        got = net.backbone.state_dict()
+        assert got.keys() == donor_bb.keys() and all(torch.equal(got[k], donor_bb[k]) for k in got)
+    # the command line: the flag is honoured, and a resume from --output_dir wins over it
+    second = tmp_path / "second"
+    args = TINY + ["--output_dir", str(second), "--pretrained_weights", str(first / "checkpoint.pth")]
+    assert main(args + ["--max_iters", "1"]) == 0
+    assert "backbone initialised from" in capsys.readouterr().out
+    assert main(args + ["--max_iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "backbone initialised from" not in out
+    # a checkpoint of another width is refused (exit 2, naming the mismatch): nothing is silently skipped
+    rc = main(TINY + ["--output_dir", str(tmp_path / "third"), "--embed_dim", "64",
+                      "--pretrained_weights", str(first / "checkpoint.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("mismatch" in err.lower() or "shape" in err.lower()), err
+
+
 @pytest.mark.slow
 def test_periodic_knn_logged(tmp_path, capsys):
     out = tmp_path / "run"

@@ -117,6 +117,8 @@ class TrainConfig:
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
+    pretrained_weights: str | None = None
+    checkpoint_key: str = "teacher"
     # --- teacher temperature ---
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
@@ -439,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_h("ViT width override (tiny models; None = the arch's)", "embed_dim"))
     g.add_argument("--num_heads", type=_int_or_none,
                    help=_h("ViT heads override (tiny models; None = the arch's)", "num_heads"))
+    g.add_argument("--pretrained_weights", type=str, help="start the student (and its teacher copy) backbone from these "
+                   "weights: a DINO/SimPool checkpoint, an export of this project or a timm file, loaded strictly "
+                   "(any mismatch stops the run); the head starts fresh. A resume from --output_dir wins over it")
+    g.add_argument("--checkpoint_key", type=str, help=_h("entry of a training checkpoint given to --pretrained_weights",
+                                                         "checkpoint_key"))
 
     g = p.add_argument_group("teacher temperature")
     g.add_argument("--warmup_teacher_temp", type=float, help=_h("initial teacher temperature", "warmup_teacher_temp"))

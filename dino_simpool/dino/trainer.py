@@ -81,6 +81,18 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
     return student, teacher
 
 
+def init_from_pretrained(student: MultiCropWrapper, teacher: MultiCropWrapper, path: str,
+                         checkpoint_key: str | None = "teacher") -> dict:
+    """Start the student's backbone from ``path`` (strict, any format ``load_pretrained`` reads) and copy it into the
+    teacher; the heads keep their fresh init. The model keeps this project's numerics (``compat=None``: per-sample
+    SimPool min, timm position-embedding interpolation), which training should not inherit from the official code."""
+    from dino_simpool.models.weights import load_pretrained
+
+    report = load_pretrained(student.backbone, path, checkpoint_key=checkpoint_key, compat=None)
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    return report
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """DDP (or any ``.module`` wrapper) → the wrapped module; by attribute, whatever the architecture."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
@@ -234,6 +246,10 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     # ---------------- models (same initial weights on every rank)
     seed_all(cfg.seed)
     student, teacher = build_student_teacher(cfg)
+    if cfg.pretrained_weights and not resume_checkpoint_path(out).is_file():  # a resume brings its own weights
+        report = init_from_pretrained(student, teacher, cfg.pretrained_weights, cfg.checkpoint_key)
+        log.info(f"backbone initialised from {cfg.pretrained_weights} ({report.get('format')}, "
+                 f"key {report.get('checkpoint_key')}, {report.get('loaded')} tensors)")
     student.to(device)
     teacher.to(device)
     if D.is_dist() and device.type == "cuda" and has_batchnorm(student):
