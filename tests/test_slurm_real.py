@@ -177,6 +177,26 @@ def test_batch_only_signal_reaches_the_tasks(slurm, tmp_path):
     assert json.loads((out / "done.json").read_text()) == {"iteration": iters, "world_size": 2}
 
 
+def test_sigterm_to_the_tasks_saves_and_requeues(slurm, tmp_path):
+    """`scancel --signal=TERM <job>` signals the job's steps, i.e. the tasks (not srun, not the batch shell): SIGTERM
+    is handled like SIGUSR1, the tasks save once and exit 75, and the job requeues and resumes. (A SIGTERM that also
+    reaches srun, `--full`, makes srun kill its tasks at once: the README says to rely on --signal=USR1 there.)"""
+    out, iters = tmp_path / "run", 40
+    job, _ = launch(slurm, CPU2 + ["--module", STANDIN, "--job-name", "standin", "--",
+                                   "--output_dir", str(out), "--iters", str(iters), "--sleep", "0.1"])
+    wait_for_log(out, "standin", job, r"^0: rank 0 iteration 2 ", slurm, timeout=180)
+    slurm.run(["scancel", "--signal=TERM", job])
+    info = slurm.wait_job(job, timeout=240)
+    log = slurm_log(out, "standin", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
+    assert int(info["Restarts"]) == 1, (info, log)
+    saved = re.findall(r"^0: saved \S+ at iteration (\d+) after SIGTERM", log, re.M)
+    assert len(saved) == 1 and 2 <= int(saved[0]) < iters, log
+    assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
+    assert re.findall(r"^0: resuming from \S+ at iteration (\d+)", log, re.M) == saved, log
+    assert json.loads((out / "done.json").read_text()) == {"iteration": iters, "world_size": 2}
+
+
 def test_nan_stop_is_not_requeued(slurm, tmp_path):
     out = tmp_path / "run"
     job, _ = launch(slurm, CPU2 + ["--", *TRAIN, "--output_dir", str(out)], env={"DINO_SIMPOOL_TEST_NAN_AT": "1"})
