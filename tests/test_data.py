@@ -239,3 +239,27 @@ def test_indexed_dataset_passthrough():
     img, label, idx = ds[5]
     assert (label, idx) == (2, 5) and len(ds) == 6 and ds.classes == ["circle", "square", "triangle"]
     assert ds.targets == [0, 0, 1, 1, 2, 2]
+
+
+def test_synthetic_render_cache_changes_nothing_but_time():
+    import pickle
+
+    cached = SyntheticShapes("train", image_size=32, images_per_class=3)
+    plain = SyntheticShapes("train", image_size=32, images_per_class=3, cache_mib=0)
+    for _ in range(2):  # second pass served from the cache
+        for i in range(len(cached)):
+            a, ya = cached[i]
+            b, yb = plain[i]
+            assert ya == yb and np.array_equal(np.asarray(a), np.asarray(b))
+    assert len(cached._cache) == len(cached) and not plain._cache
+    assert cached[-1][1] == cached[len(cached) - 1][1]  # negative indices map to the same cache entry
+    assert len(cached._cache) == len(cached)
+    # the budget is respected: room for exactly two 32 px images
+    small = SyntheticShapes("train", image_size=32, images_per_class=3, cache_mib=2 * 32 * 32 * 3 / 2**20)
+    for i in range(len(small)):
+        small[i]
+    assert len(small._cache) == 2 and small._cached_bytes == 2 * 32 * 32 * 3
+    # loader workers start with an empty cache (nothing large is pickled to them)
+    clone = pickle.loads(pickle.dumps(cached))
+    assert clone._cache == {} and clone._cached_bytes == 0 and np.array_equal(np.asarray(clone[0][0]),
+                                                                               np.asarray(cached[0][0]))

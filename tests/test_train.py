@@ -128,6 +128,29 @@ def test_workers_do_not_change_the_result(tmp_path, capsys):
     assert _same_weights(load_checkpoint(a / "checkpoint.pth"), load_checkpoint(b / "checkpoint.pth")) == []
 
 
+class _WorkerNiceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor(os.nice(0))  # the worker's own niceness
+
+
+def test_loader_workers_run_at_the_configured_niceness():
+    from dino_simpool.dino.config import parse_config
+    from dino_simpool.dino.trainer import make_loader
+
+    base = os.nice(0)
+    for device, flags, expect in [("cpu", [], 19), ("cuda", [], 0), ("cpu", ["--loader_nice", "5"], 5)]:
+        cfg = parse_config(TINY + ["--num_workers", "1", "--batch_size_per_gpu", "2", *flags]).resolve(device)
+        assert cfg.loader_nice == expect
+        loader = make_loader(_WorkerNiceness(), None, cfg, torch.device("cpu"))
+        got = torch.cat(list(loader)).unique().tolist()
+        assert got == [min(19, base + expect)], (device, flags, got)
+    with pytest.raises(ValueError, match="--loader_nice must be"):
+        parse_config(TINY + ["--loader_nice", "20"])
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_exit_75_and_resume_identical(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"

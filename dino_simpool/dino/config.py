@@ -51,7 +51,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw", "lr": 0.008, "min_lr": 1e-5, "weight_decay": 0.04, "weight_decay_end": 0.1,
     "warmup_epochs": 2, "momentum_teacher": 0.99, "warmup_teacher_temp": 0.02, "teacher_temp": 0.04,
     "warmup_teacher_temp_epochs": 3, "freeze_last_layer": 1, "clip_grad": 3.0,
-    "batch_size_per_gpu": 32, "epochs": 25, "num_workers": 1, "saveckp_freq": 100,
+    "batch_size_per_gpu": 32, "epochs": 25, "num_workers": 2, "saveckp_freq": 100,
 }
 MODEL_SHAPE_KEYS = ("arch", "depth", "embed_dim", "num_heads", "patch_size", "gamma", "drop_path_rate")
 
@@ -149,6 +149,7 @@ class TrainConfig:
     synthetic_size: int = 64
     synthetic_per_class: int | None = None
     num_workers: int | None = None  # None = min(10, CPU count)
+    loader_nice: int | None = None  # None = 19 on CPU, 0 on CUDA
     # --- run ---
     output_dir: str = "."
     saveckp_freq: int = 20
@@ -199,7 +200,8 @@ class TrainConfig:
             except ValueError:
                 err(f"--{name} must be an integer; got {v!r}")
             setattr(self, name, iv)
-        for name in ("depth", "embed_dim", "num_heads", "synthetic_per_class", "num_workers", "max_iters"):
+        for name in ("depth", "embed_dim", "num_heads", "synthetic_per_class", "num_workers", "max_iters",
+                     "loader_nice"):
             try:
                 setattr(self, name, _int_or_none(getattr(self, name)))
             except argparse.ArgumentTypeError as e:
@@ -268,6 +270,8 @@ class TrainConfig:
                 err(f"--{name} must be >= 1 (or left out); got {v}")
         if self.num_workers is not None and self.num_workers < 0:
             err(f"--num_workers must be >= 0; got {self.num_workers}")
+        if self.loader_nice is not None and not 0 <= self.loader_nice <= 19:
+            err(f"--loader_nice must be a niceness increment in 0..19; got {self.loader_nice}")
         for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
                      "eval_every"):
             if getattr(self, name) < 0:
@@ -301,11 +305,13 @@ class TrainConfig:
 
     # ------------------------------------------------------------------
     def resolve(self, device_type: str = "cpu") -> "TrainConfig":
-        """Fill the device-dependent defaults (precision, workers, backend) in place."""
+        """Fill the device-dependent defaults (precision, workers, loader priority, backend) in place."""
         if self.precision is None:
             self.precision = "bf16" if device_type == "cuda" else "fp32"
         if self.num_workers is None:
             self.num_workers = min(10, os.cpu_count() or 1)
+        if self.loader_nice is None:
+            self.loader_nice = 0 if device_type == "cuda" else 19
         if self.backend is None:
             self.backend = "nccl" if device_type == "cuda" else "gloo"
         return self
@@ -495,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_per_class", type=_int_or_none, help="images per class of the embedded dataset "
                    "(default: the dataset's own, 200) [embedded: 100]")
     g.add_argument("--num_workers", type=int,
-                   help="data-loading processes per rank (default: min(10, CPU count)) [embedded: 1]")
+                   help="data-loading processes per rank (default: min(10, CPU count)) [embedded: 2]")
+    g.add_argument("--loader_nice", type=_int_or_none,
+                   help="niceness added to the loader workers (default: 19 on CPU, so that the step's threads win "
+                        "the cores and the workers fill their idle time; 0 on CUDA, where the step runs on the GPU)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", type=str, help=_h("checkpoints, log.txt, config.yaml, tb/", "output_dir"))

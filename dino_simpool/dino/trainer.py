@@ -19,6 +19,7 @@ global iteration I non-finite; ``DINO_SIMPOOL_TEST_SIGNAL_AT=I`` sends SIGTERM t
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -112,11 +113,21 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
         dist.broadcast(b.data, src)
 
 
+def init_loader_worker(worker_id: int, nice: int = 0) -> None:
+    """``worker_init_fn``: ignore the stop signals (the main process handles them) and lower the worker's priority
+    by ``nice``. On a CPU-only machine the workers and the step's threads share the cores; niced workers let the
+    step's threads run undisturbed and fill the cores' idle time (benchmarks/train_step.py measures the effect)."""
+    ignore_stop_signals_in_worker(worker_id)
+    if nice:
+        os.nice(nice)
+
+
 def make_loader(dataset, sampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0,
-        worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers > 0 else None,
+        worker_init_fn=functools.partial(init_loader_worker, nice=cfg.loader_nice or 0)
+        if cfg.num_workers > 0 else None,
         # its own generator: creating an iterator must not draw from the global RNG (resume identity)
         generator=torch.Generator().manual_seed(cfg.seed),
     )
