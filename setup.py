@@ -14,7 +14,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dino_simpool", "dino_simpool.*", "eval", "eval.*", "launch", "launch.*"]),
     package_data={"launch": ["recipes/*.yaml", "templates/*"]},
-    py_modules=["hubconf"],
     install_requires=[
         # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
