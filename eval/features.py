@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,12 @@ NPY_NAMES = {
 }
 
 
+UNREADABLE = -1  # the label of a sample whose image could not be read (SafeImageFolder's stand-in)
+
+
 class _WithIndex(Dataset):
-    """``(img, label, index)`` from a dataset yielding ``(img, label)``."""
+    """``(img, label, index)`` from a dataset yielding ``(img, label)``; the label is ``UNREADABLE`` where the
+    dataset says (``get_checked``) that another image stood in for an unreadable one."""
 
     def __init__(self, ds: Dataset):
         self.ds = ds
@@ -41,6 +46,10 @@ class _WithIndex(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
+        get_checked = getattr(self.ds, "get_checked", None)
+        if get_checked is not None:
+            img, label, ok = get_checked(i)
+            return img, (label if ok else UNREADABLE), i
         img, label = self.ds[i][:2]
         return img, label, i
 
@@ -74,7 +83,8 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed ``dataset`` with ``model(x) -> (B, d)`` (eval mode, no grad, fp32 output).
 
-    Returns ``(feats (N, d) float32 CPU, labels (N,) int64 CPU)`` in dataset order, on every rank. Features are
+    Returns ``(feats (N, d) float32 CPU, labels (N,) int64 CPU)`` in dataset order, on every rank, less the images
+    that could not be read (a ``SafeImageFolder`` logs each one; a warning gives the count). Features are
     NOT normalised (``knn_classify`` normalises). Under a process group the work is split by a
     ``DistributedSampler(shuffle=False)``; padded duplicates are dropped, and an index that no rank embedded
     raises RuntimeError.
@@ -123,7 +133,7 @@ def extract_features(
 
     if not D.is_dist():
         order = torch.argsort(idx_l)
-        return feats_l[order].contiguous(), labels_l[order].contiguous()
+        return _drop_unreadable(feats_l[order].contiguous(), labels_l[order].contiguous(), desc)
 
     # Every rank ran ceil(n / world) samples (DistributedSampler pads), so all shapes match for all_gather.
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -155,7 +165,18 @@ def extract_features(
         pos = pos.reshape(-1)
         k = keep[pos]
         out_feats[all_idx[pos][k]] = part[k]
-    return out_feats, out_labels
+    return _drop_unreadable(out_feats, out_labels, desc)
+
+
+def _drop_unreadable(feats: torch.Tensor, labels: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave out the rows of unreadable images (each was logged with its path when it was skipped)."""
+    ok = labels != UNREADABLE
+    if bool(ok.all()):
+        return feats, labels
+    if D.get_rank() == 0:
+        warnings.warn(f"{desc or 'features'}: {int((~ok).sum())} unreadable image(s) left out "
+                      f"({int(ok.sum())} of {labels.numel()} kept)", stacklevel=3)
+    return feats[ok].contiguous(), labels[ok].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,14 @@ class TinyData(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i])
 
 
+class TinyDataWithUnreadable(TinyData):
+    """As SafeImageFolder: index 4 is unreadable, index 5 stands in for it (``ok`` False)."""
+
+    def get_checked(self, i):
+        k = 5 if i == 4 else i
+        return self.x[k], int(self.y[k]), k == i
+
+
 def tiny_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(D_IN, 5), nn.Tanh())
@@ -61,6 +69,8 @@ def _worker(rank, world, port, out_dir):
         feats, labels = extract_features(tiny_model(), TinyData(), batch_size=2, num_workers=0, desc="test",
                                         gather_chunk=2)  # several gather rounds
         torch.save({"feats": feats, "labels": labels}, f"{out_dir}/rank{rank}.pt")
+        feats, labels = extract_features(tiny_model(), TinyDataWithUnreadable(), batch_size=2, num_workers=0)
+        torch.save({"feats": feats, "labels": labels}, f"{out_dir}/rank{rank}_unreadable.pt")
     finally:
         dist.destroy_process_group()
 
@@ -75,6 +85,30 @@ def test_two_rank_gloo_equals_single_rank(tmp_path):
         assert got["feats"].shape == (N, 5)  # the padded duplicate is gone
         torch.testing.assert_close(got["feats"], single_f)  # same rows, same order, on every rank
         assert got["labels"].tolist() == single_l.tolist()
+        got = torch.load(tmp_path / f"rank{rank}_unreadable.pt", weights_only=True)
+        keep = [i for i in range(N) if i != 4]
+        torch.testing.assert_close(got["feats"], single_f[keep])  # the unreadable row is gone on every rank
+        assert got["labels"].tolist() == single_l[keep].tolist()
+
+
+def test_unreadable_images_are_left_out_not_duplicated(tmp_path):
+    from PIL import Image
+
+    from dino_simpool.data import SafeImageFolder
+    from dino_simpool.dino.augment import eval_transform
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for j in range(2):
+            Image.new("RGB", (20, 20), (60 * j, 100, 200 if cls == "a" else 0)).save(tmp_path / cls / f"{j}.png")
+    (tmp_path / "a" / "1.png").write_bytes((tmp_path / "a" / "0.png").read_bytes()[:40])  # truncated
+    ds = SafeImageFolder(tmp_path, transform=eval_transform(resize=16, crop=16))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        feats, labels = extract_features(model, ds, batch_size=2, num_workers=0)
+    assert feats.shape == (3, 4) and labels.tolist() == [0, 1, 1]
+    # training still takes a stand-in for it (the DataLoader keeps its batch size)
+    assert ds[1][1] == 1 and ds.get_checked(1)[2] is False and ds.get_checked(0)[2] is True
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npy"])

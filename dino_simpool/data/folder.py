@@ -89,6 +89,11 @@ class SafeImageFolder:
 
     def _load(self, i):
         """-> (PIL image, label) for index i, or for the next loadable index."""
+        img, label, _ = self._load_from(i)
+        return img, label
+
+    def _load_from(self, i):
+        """-> (PIL image, label, index actually loaded): ``i``, or the next loadable index if ``i`` is unreadable."""
         n = len(self.samples)
         for step in range(n):
             k = (i + step) % n
@@ -96,7 +101,7 @@ class SafeImageFolder:
                 continue
             path, label = self.samples[k]
             try:
-                return self.loader(path), label
+                return self.loader(path), label, k
             except Exception as e:  # corrupt / truncated / unreadable file: skip it, keep training
                 self._bad.add(k)
                 logger.warning("skipping unreadable image %s (%s: %s); using another sample instead",
@@ -105,13 +110,21 @@ class SafeImageFolder:
                         f"check the files")
 
     def __getitem__(self, i):
+        img, label, _ = self.get_checked(i)
+        return img, label
+
+    def get_checked(self, i):
+        """-> (transformed image, label, ok): ``ok`` is False when image ``i`` is unreadable and another sample
+        stands in for it. Training takes the stand-in; evaluation (``eval.features``) drops it instead, so that a
+        corrupt file neither duplicates another image nor shifts an accuracy."""
         n = len(self.samples)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {self!r}")
-        img, label = self._load(int(i) % n)
+        i = int(i) % n
+        img, label, k = self._load_from(i)
         if self.transform is not None:
             img = self.transform(img)
-        return img, label
+        return img, label, k == i
 
 
 class IndexedDataset:
