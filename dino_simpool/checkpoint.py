@@ -40,7 +40,15 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read from /proc where it can be (setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
