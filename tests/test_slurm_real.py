@@ -156,45 +156,41 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path, uninterrupted):
           f"run's: {same}")
 
 
-def test_batch_only_signal_reaches_the_tasks(slurm, tmp_path):
-    """`scancel --signal=USR1 --batch` signals the batch shell alone: its trap passes the signal on to srun, which
-    relays it to the tasks. They save once, the job requeues and the rerun resumes from the saved iteration. The
-    job also asks for --cpus-per-task 1, so the real srun gets --cpus-per-task from SLURM_CPUS_PER_TASK."""
+def _stop_save_requeue_resume(slurm, tmp_path, scancel: list[str], task_signal: str,
+                              launch_flags: tuple[str, ...] = ()) -> str:
+    """Run the stand-in job, send ``scancel <scancel> <job>`` mid-run, and check that the tasks saved once after
+    ``task_signal``, exited 75, and that the job requeued, resumed from the saved iteration and finished. -> the log."""
     out, iters = tmp_path / "run", 40
-    job, _ = launch(slurm, CPU2 + ["--cpus-per-task", "1", "--module", STANDIN, "--job-name", "standin", "--",
+    job, _ = launch(slurm, CPU2 + [*launch_flags, "--module", STANDIN, "--job-name", "standin", "--",
                                    "--output_dir", str(out), "--iters", str(iters), "--sleep", "0.1"])
     wait_for_log(out, "standin", job, r"^0: rank 0 iteration 2 ", slurm, timeout=180)
-    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    slurm.run(["scancel", *scancel, job])
     info = slurm.wait_job(job, timeout=240)
     log = slurm_log(out, "standin", job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
     assert int(info["Restarts"]) == 1, (info, log)
-    assert "batch shell got SIGUSR1: asking the tasks to save" in log, log
-    saved = re.findall(r"^0: saved \S+ at iteration (\d+) after SIGUSR1", log, re.M)
+    saved = re.findall(rf"^0: saved \S+ at iteration (\d+) after {task_signal}", log, re.M)
     assert len(saved) == 1 and 2 <= int(saved[0]) < iters, log
     assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
     assert re.findall(r"^0: resuming from \S+ at iteration (\d+)", log, re.M) == saved, log
     assert json.loads((out / "done.json").read_text()) == {"iteration": iters, "world_size": 2}
+    return log
+
+
+def test_batch_only_signal_reaches_the_tasks(slurm, tmp_path):
+    """`scancel --signal=USR1 --batch` signals the batch shell alone: its trap passes the signal on to srun, which
+    relays it to the tasks. They save once, the job requeues and the rerun resumes from the saved iteration. The
+    job also asks for --cpus-per-task 1, so the real srun gets --cpus-per-task from SLURM_CPUS_PER_TASK."""
+    log = _stop_save_requeue_resume(slurm, tmp_path, ["--signal=USR1", "--batch"], "SIGUSR1",
+                                    launch_flags=("--cpus-per-task", "1"))
+    assert "batch shell got SIGUSR1: asking the tasks to save" in log, log
 
 
 def test_sigterm_to_the_tasks_saves_and_requeues(slurm, tmp_path):
     """`scancel --signal=TERM <job>` signals the job's steps, i.e. the tasks (not srun, not the batch shell): SIGTERM
     is handled like SIGUSR1, the tasks save once and exit 75, and the job requeues and resumes. (A SIGTERM that also
     reaches srun, `--full`, makes srun kill its tasks at once: the README says to rely on --signal=USR1 there.)"""
-    out, iters = tmp_path / "run", 40
-    job, _ = launch(slurm, CPU2 + ["--module", STANDIN, "--job-name", "standin", "--",
-                                   "--output_dir", str(out), "--iters", str(iters), "--sleep", "0.1"])
-    wait_for_log(out, "standin", job, r"^0: rank 0 iteration 2 ", slurm, timeout=180)
-    slurm.run(["scancel", "--signal=TERM", job])
-    info = slurm.wait_job(job, timeout=240)
-    log = slurm_log(out, "standin", job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log, slurm.logs())
-    assert int(info["Restarts"]) == 1, (info, log)
-    saved = re.findall(r"^0: saved \S+ at iteration (\d+) after SIGTERM", log, re.M)
-    assert len(saved) == 1 and 2 <= int(saved[0]) < iters, log
-    assert "Exited with exit code 75" in log and "requeue 1/20" in log, log
-    assert re.findall(r"^0: resuming from \S+ at iteration (\d+)", log, re.M) == saved, log
-    assert json.loads((out / "done.json").read_text()) == {"iteration": iters, "world_size": 2}
+    _stop_save_requeue_resume(slurm, tmp_path, ["--signal=TERM"], "SIGTERM")
 
 
 def test_nan_stop_is_not_requeued(slurm, tmp_path):
