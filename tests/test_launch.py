@@ -259,18 +259,24 @@ def test_script_does_not_requeue_a_cancelled_job(tmp_path):
     assert "job is COMPLETING (cancelled, timed out or preempted): not requeueing" in proc.stdout
 
 
-def test_script_clears_torchrun_vars_and_sets_master(tmp_path):
-    out = tmp_path / "envdump"
+def _run_cpu_script(tmp_path: Path, srun_body: str, scontrol_body: str, env: dict) -> int:
+    """Render a 1-node CPU script and run it with fake srun/scontrol; -> its exit status."""
     spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path),
                             python=PY)
     script = tmp_path / "job.sbatch"
     script.write_text(L.render_script(spec))
     bin_ = tmp_path / "bin"
-    _fake_bin(bin_, "srun", f'env > {out}; exit 0\n')
-    _fake_bin(bin_, "scontrol", 'echo node07; echo node08\n')
-    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node[07-08]",
+    _fake_bin(bin_, "srun", srun_body)
+    _fake_bin(bin_, "scontrol", scontrol_body)
+    return subprocess.run(["bash", str(script)], env={"PATH": f"{bin_}:/usr/bin:/bin", **env},
+                          capture_output=True).returncode
+
+
+def test_script_clears_torchrun_vars_and_sets_master(tmp_path):
+    out = tmp_path / "envdump"
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node[07-08]",
            "SLURM_NTASKS": "2", "RANK": "3", "WORLD_SIZE": "4", "MASTER_PORT": "1234", "LOCAL_RANK": "1"}
-    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode == 0
+    assert _run_cpu_script(tmp_path, f'env > {out}; exit 0\n', 'echo node07; echo node08\n', env) == 0
     dumped = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
     assert dumped["MASTER_ADDR"] == "node07"
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"} & set(dumped)
@@ -280,17 +286,11 @@ def test_script_clears_torchrun_vars_and_sets_master(tmp_path):
 @pytest.mark.parametrize("cpus", [None, "10"])
 def test_script_passes_cpus_per_task_to_srun(tmp_path, cpus):
     # srun 22.05-23.08 does not read SLURM_CPUS_PER_TASK: the script must hand it over as --cpus-per-task
-    spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path),
-                            python=PY)
-    script = tmp_path / "job.sbatch"
-    script.write_text(L.render_script(spec))
-    bin_ = tmp_path / "bin"
-    _fake_bin(bin_, "srun", f'printf "%s\\n" "$@" > {tmp_path / "args"}; exit 0\n')
-    _fake_bin(bin_, "scontrol", "echo node01\n")
-    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
     if cpus:
         env["SLURM_CPUS_PER_TASK"] = cpus
-    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode == 0
+    assert _run_cpu_script(tmp_path, f'printf "%s\\n" "$@" > {tmp_path / "args"}; exit 0\n', "echo node01\n",
+                           env) == 0
     args = (tmp_path / "args").read_text().splitlines()
     assert args[:3] == ["--label", "--kill-on-bad-exit=0", "--ntasks-per-node=1"]
     assert args[3] == ("--cpus-per-task=10" if cpus else PY)  # one word when set, nothing (not "") when unset

@@ -87,11 +87,6 @@ class SafeImageFolder:
     def __repr__(self):
         return f"SafeImageFolder(root={self.root!r}, images={len(self)}, classes={len(self.classes)})"
 
-    def _load(self, i):
-        """-> (PIL image, label) for index i, or for the next loadable index."""
-        img, label, _ = self._load_from(i)
-        return img, label
-
     def _load_from(self, i):
         """-> (PIL image, label, index actually loaded): ``i``, or the next loadable index if ``i`` is unreadable."""
         n = len(self.samples)

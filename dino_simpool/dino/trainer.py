@@ -257,7 +257,8 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     # ---------------- models (same initial weights on every rank)
     seed_all(cfg.seed)
     student, teacher = build_student_teacher(cfg)
-    if cfg.pretrained_weights and not resume_checkpoint_path(out).is_file():  # a resume brings its own weights
+    ckpt_path = resume_checkpoint_path(out)
+    if cfg.pretrained_weights and not ckpt_path.is_file():  # a resume brings its own weights
         report = init_from_pretrained(student, teacher, cfg.pretrained_weights, cfg.checkpoint_key)
         log.info(f"backbone initialised from {cfg.pretrained_weights} ({report.get('format')}, "
                  f"key {report.get('checkpoint_key')}, {report.get('loaded')} tensors)")
@@ -293,7 +294,6 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     config_dict["iterations_per_epoch"] = niter
     if main:
         cfg.save_yaml(out / "config.yaml")
-    ckpt_path = resume_checkpoint_path(out)
 
     def save(next_epoch: int, iter_in_epoch: int, iteration: int, extra: Path | None = None) -> None:
         rng = _gather_rng()
