@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
+from dino_simpool.models.options import DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, resolve_gamma
 from dino_simpool.pooling import SimPool, build_pooling, get_pooling_entry
 
 VIT_ARCHS = {
@@ -41,8 +42,6 @@ CONVNEXT_ARCHS = {"convnext_tiny": "convnext_tiny", "convnext_small": "convnext_
 ARCHS = (*VIT_ARCHS, *RESNET_ARCHS, *CONVNEXT_ARCHS)
 NORM_ORDERS = ("ssl", "supervised")
 COMPATS = (None, "official")
-DEFAULT_GAMMA_VIT = 1.25
-DEFAULT_GAMMA_CNN = 2.0
 
 
 def list_archs() -> list[str]:
@@ -393,19 +392,12 @@ class CNNBackbone(Backbone):
         return {"pool": attn}
 
 
-def _resolve_gamma(gamma, is_vit: bool):
-    if isinstance(gamma, str):
-        if gamma == "default":
-            return DEFAULT_GAMMA_VIT if is_vit else DEFAULT_GAMMA_CNN
-        if gamma.lower() == "none":
-            return None
-        try:
-            gamma = float(gamma)
-        except ValueError:
-            raise ValueError(f"gamma must be a number > 0, None or 'default'; got {gamma!r}") from None
-    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0):
-        raise ValueError(f"gamma must be a number > 0, None or 'default'; got {gamma!r}")
-    return None if gamma is None else float(gamma)
+def arch_family(arch: str) -> str:
+    """``vit``, ``resnet`` or ``convnext`` for an arch name; ValueError listing the accepted ones otherwise."""
+    for family, archs in (("vit", VIT_ARCHS), ("resnet", RESNET_ARCHS), ("convnext", CONVNEXT_ARCHS)):
+        if arch in archs:
+            return family
+    raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
 def build_backbone(
@@ -431,8 +423,7 @@ def build_backbone(
     position-embedding resampling, to reproduce the official checkpoints' features). ``pool_options`` go to the
     pooling builder. ``build_backbone(**model.config)`` rebuilds the model.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    family = arch_family(arch)
     if pool_options.get("reduce") == "flatten":
         raise ValueError("reduce='flatten' makes the pooled vector k*d wide, but a backbone's embedding is d wide "
                          "(its norm and the heads are built for d): use reduce='mean' or 'project'")
@@ -447,8 +438,8 @@ def build_backbone(
         raise ValueError(f"compat must be None or 'official'; got {compat!r}")
     if not isinstance(drop_path_rate, (int, float)) or not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
-    is_vit = arch in VIT_ARCHS
-    gamma = _resolve_gamma(gamma, is_vit)
+    is_vit = family == "vit"
+    gamma = resolve_gamma(gamma, family)
     if isinstance(img_size, list):
         img_size = tuple(img_size)
     config = dict(
