@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag
 from dino_simpool.models.backbones import (CONVNEXT_ARCHS, DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, RESNET_ARCHS,
                                            VIT_ARCHS, list_archs)
 
@@ -62,18 +63,6 @@ def arch_family(arch: str) -> str:
         if arch in archs:
             return family
     raise ValueError(f"--arch must be one of {', '.join(list_archs())}; got {arch!r}")
-
-
-def bool_flag(s: Any) -> bool:
-    """DINO's boolean flag parser: on/true/1 and off/false/0 (any case)."""
-    if isinstance(s, bool):
-        return s
-    v = str(s).strip().lower()
-    if v in {"off", "false", "0", "no"}:
-        return False
-    if v in {"on", "true", "1", "yes"}:
-        return True
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (use True or False)")
 
 
 def float_or_none(s: Any) -> float | None | str:
@@ -309,7 +298,7 @@ class TrainConfig:
         if self.precision is None:
             self.precision = "bf16" if device_type == "cuda" else "fp32"
         if self.num_workers is None:
-            self.num_workers = min(10, os.cpu_count() or 1)
+            self.num_workers = min(10, available_cpus())
         if self.loader_nice is None:
             self.loader_nice = 0 if device_type == "cuda" else 19
         if self.backend is None:
@@ -400,16 +389,9 @@ def _h(text: str, name: str | None = None) -> str:
     return f"{text} (default: {_fmt_default(d)}){emb}"
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: <message naming the flag> (see --help)``, exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """All flags default to SUPPRESS so that only those given on the command line override the YAML recipe."""
-    p = _OneLineErrorParser(
+    p = OneLineErrorParser(
         "dino-simpool-train",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "),
         argument_default=argparse.SUPPRESS,
@@ -501,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_per_class", type=_int_or_none, help="images per class of the embedded dataset "
                    "(default: the dataset's own, 200) [embedded: 100]")
     g.add_argument("--num_workers", type=int,
-                   help="data-loading processes per rank (default: min(10, CPU count)) [embedded: 2]")
+                   help="data-loading processes per rank (default: min(10, CPUs of this task)) [embedded: 2]")
     g.add_argument("--loader_nice", type=_int_or_none,
                    help="niceness added to the loader workers (default: 19 on CPU, so that the step's threads win "
                         "the cores and the workers fill their idle time; 0 on CUDA, where the step runs on the GPU)")
