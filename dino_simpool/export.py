@@ -15,7 +15,7 @@ Key layouts (``config.json["layout"]``):
   tensors load strictly into ``timm.create_model(name, class_token=False, global_pool="", num_classes=0, ...)``
   (``config["timm"]``), the ``pool.*`` tensors into ``dino_simpool.pooling.SimPool``; the forward is
   ``norm(simpool(blocks(patch_embed + pos_embed)))``: SimPool runs on the last block's un-normalised patch tokens
-  and the ViT's final LayerNorm on the pooled vector (see README.md, "Export a trained backbone").
+  and the ViT's final LayerNorm on the pooled vector (see docs/export.md).
 
 Reading never unpickles code: ``.pth`` files go through ``torch.load(weights_only=True)``, and a folder with both
 files is read from the safetensors one.

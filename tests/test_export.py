@@ -30,7 +30,7 @@ def perturbed(model, seed):
 
 
 def fake_training_checkpoint(path, model, student=None):
-    """The training checkpoint layout of CONTRIBUTING.md: backbone.* + head.* per network, config with backbone."""
+    """The training checkpoint layout of docs/reliability.md: backbone.* + head.* per network, config with backbone."""
     student = student or model
     head = {"head.mlp.0.weight": torch.randn(8, model.embed_dim), "head.last_layer.weight_g": torch.ones(16, 1)}
     ckpt = {

@@ -189,7 +189,7 @@ def test_batch_only_signal_reaches_the_tasks(slurm, tmp_path):
 def test_sigterm_to_the_tasks_saves_and_requeues(slurm, tmp_path):
     """`scancel --signal=TERM <job>` signals the job's steps, i.e. the tasks (not srun, not the batch shell): SIGTERM
     is handled like SIGUSR1, the tasks save once and exit 75, and the job requeues and resumes. (A SIGTERM that also
-    reaches srun, `--full`, makes srun kill its tasks at once: the README says to rely on --signal=USR1 there.)"""
+    reaches srun, `--full`, makes srun kill its tasks at once: docs/slurm.md says to rely on --signal=USR1 there.)"""
     _stop_save_requeue_resume(slurm, tmp_path, ["--signal=TERM"], "SIGTERM")
 
 
