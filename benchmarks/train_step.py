@@ -37,7 +37,8 @@ from dino_simpool.dino.head import DINOHead, MultiCropWrapper  # noqa: E402,F401
 from dino_simpool.dino.loss import DINOLoss  # noqa: E402
 from dino_simpool.dino.optim import (build_optimizer, cancel_gradients_last_layer, clip_gradients,  # noqa: E402
                                      ema_update, param_groups)
-from dino_simpool.dino.trainer import build_student_teacher, make_loader  # noqa: E402
+from dino_simpool.data.loader import make_loader
+from dino_simpool.dino.build import build_student_teacher  # noqa: E402
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
 
     def loader_with(workers: int, nice: int = 0):
         cfg.num_workers, cfg.loader_nice = workers, nice
-        return make_loader(SeededDataset(ds, 0), sampler, cfg, torch.device("cpu"))
+        return make_loader(SeededDataset(ds, 0), cfg.batch_size_per_gpu, cfg.num_workers, sampler=sampler,
+                           drop_last=True, nice=cfg.loader_nice or 0, seed=cfg.seed)
 
     loader = loader_with(2)
     it = iter(loader)

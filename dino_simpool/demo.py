@@ -107,7 +107,8 @@ def prepare_demo_dir(output_dir: str | Path, keep: bool = False, force: bool = F
 def main(argv: Sequence[str] | None = None) -> int:
     from dino_simpool.dino.config import parse_config
     from dino_simpool.dino.determinism import seed_all
-    from dino_simpool.dino.trainer import build_student_teacher, train
+    from dino_simpool.dino.build import build_student_teacher
+    from dino_simpool.dino.trainer import train
 
     ap = argparse.ArgumentParser("dino-simpool demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output_dir", default="demo_output")

@@ -11,12 +11,13 @@ import signal
 import threading
 from typing import Iterable
 
-import torch
-import torch.distributed as dist
+# No torch import at the top: the command lines install PreemptionFlag before torch loads (see dino_simpool/train.py).
 
 EXIT_OK = 0
+EXIT_CRASH = 1  # an uncaught error, or a peer rank that died (every process of the job ends)
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_IO_ERROR = 74  # EX_IOERR: a checkpoint could not be written (disk full, read-only); the previous one is intact
 EXIT_PREEMPTED = 75
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -61,15 +62,11 @@ class PreemptionFlag:
         return signal.Signals(self.received).name if self.received is not None else ""
 
 
-def ignore_stop_signals_in_worker(_worker_id: int = 0) -> None:
-    """``worker_init_fn`` for DataLoader workers: the main process handles the stop signals, the workers must not die
-    of them (SIGUSR1's default action kills) and leave the main process with a broken loader."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-def any_rank(flags: Iterable[bool], device: torch.device | str = "cpu") -> list[bool]:
+def any_rank(flags: Iterable[bool], device="cpu") -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one small all_reduce); local values when not distributed."""
+    import torch  # here, not at the top: see the note on imports above
+    import torch.distributed as dist
+
     flags = [bool(f) for f in flags]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flags

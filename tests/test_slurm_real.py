@@ -37,6 +37,9 @@ def slurm():
     cluster.stop()
 
 
+HOOKS = str(REPO / "tests" / "train_hooks.py")  # the trainer with the fault hooks (DINO_SIMPOOL_TEST_*)
+
+
 def launcher() -> list[str]:
     exe = Path(sys.executable).parent / "dino-simpool-launch"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "launch.slurm"]
@@ -93,7 +96,7 @@ def uninterrupted(slurm, tmp_path_factory):
     """One uninterrupted 2-task pretraining run (test 1 checks it; test 2 compares against it)."""
     out = tmp_path_factory.mktemp("train") / "run"
     t0 = time.time()
-    job, proc = launch(slurm, CPU2 + ["--", *TRAIN, "--output_dir", str(out)],
+    job, proc = launch(slurm, CPU2 + ["--module", HOOKS, "--", *TRAIN, "--output_dir", str(out)],
                        env={"DINO_SIMPOOL_TEST_DUMP_RANKS": "1"})
     info = slurm.wait_job(job, timeout=300)
     took = time.time() - t0
@@ -195,7 +198,8 @@ def test_sigterm_to_the_tasks_saves_and_requeues(slurm, tmp_path):
 
 def test_nan_stop_is_not_requeued(slurm, tmp_path):
     out = tmp_path / "run"
-    job, _ = launch(slurm, CPU2 + ["--", *TRAIN, "--output_dir", str(out)], env={"DINO_SIMPOOL_TEST_NAN_AT": "1"})
+    job, _ = launch(slurm, CPU2 + ["--module", HOOKS, "--", *TRAIN, "--output_dir", str(out)],
+                    env={"DINO_SIMPOOL_TEST_NAN_AT": "1"})
     info = slurm.wait_job(job, timeout=300)
     log = slurm_log(out, "dino-train", job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", (info, log)

@@ -27,9 +27,14 @@ TINY_VIT = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_he
 TINY = TINY_VIT + TINY_DATA + TINY_OPT
 
 
+HOOKS = str(ROOT / "tests" / "train_hooks.py")  # the trainer with the fault hooks that tests inject
+
+
 def _run(args, env_extra=None, timeout=240):
+    """The trainer as a real process; with ``env_extra`` hooks (DINO_SIMPOOL_TEST_*) through tests/train_hooks.py."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "dino_simpool.train", *args], capture_output=True, text=True,
+    entry = [HOOKS] if env_extra else ["-m", "dino_simpool.train"]
+    return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -138,13 +143,13 @@ class _WorkerNiceness(torch.utils.data.Dataset):
 
 def test_loader_workers_run_at_the_configured_niceness():
     from dino_simpool.dino.config import parse_config
-    from dino_simpool.dino.trainer import make_loader
+    from dino_simpool.data.loader import make_loader
 
     base = os.nice(0)
     for device, flags, expect in [("cpu", [], 19), ("cuda", [], 0), ("cpu", ["--loader_nice", "5"], 5)]:
         cfg = parse_config(TINY + ["--num_workers", "1", "--batch_size_per_gpu", "2", *flags]).resolve(device)
         assert cfg.loader_nice == expect
-        loader = make_loader(_WorkerNiceness(), None, cfg, torch.device("cpu"))
+        loader = make_loader(_WorkerNiceness(), 2, cfg.num_workers, nice=cfg.loader_nice)
         got = torch.cat(list(loader)).unique().tolist()
         assert got == [min(19, base + expect)], (device, flags, got)
     with pytest.raises(ValueError, match="--loader_nice must be"):
@@ -198,11 +203,8 @@ def test_nonfinite_loss_exit_3_keeps_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(TINY + ["--output_dir", str(out), "--max_iters", "2"]) == 0
     before = (out / "checkpoint.pth").read_bytes()
-    os.environ["DINO_SIMPOOL_TEST_NAN_AT"] = "3"
-    try:
-        rc = main(TINY + ["--output_dir", str(out)])
-    finally:
-        del os.environ["DINO_SIMPOOL_TEST_NAN_AT"]
+    from dino_simpool.dino.trainer import Hooks
+    rc = main(TINY + ["--output_dir", str(out)], hooks=Hooks(poison_loss=lambda it: it == 3))
     assert rc == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "global step 3" in err
@@ -255,7 +257,7 @@ def test_mismatched_checkpoint_exit_2(tmp_path, capsys):
 
 def test_pretrained_weights_start_student_and_teacher(tmp_path, capsys):
     from dino_simpool.dino.config import parse_config
-    from dino_simpool.dino.trainer import build_student_teacher, init_from_pretrained
+    from dino_simpool.dino.build import build_student_teacher, init_from_pretrained
 
     first = tmp_path / "first"
     assert main(TINY + ["--output_dir", str(first), "--max_iters", "2"]) == 0
@@ -307,7 +309,7 @@ def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
                                                  "--eval_every", "1", "--nb_knn", "1", "3", "--output_dir", str(out)]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "TQDM_DISABLE": "1", "DINO_SIMPOOL_TEST_DUMP_RANKS": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dino_simpool.train", *args],
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", HOOKS, *args],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     t0 = torch.load(out / "teacher_rank0.pth", weights_only=True)
@@ -399,7 +401,7 @@ def test_unusable_output_dir_exit_2(tmp_path, kind, capsys):
 def test_teacher_gets_the_students_gamma():
     """Official bug: the ViT teacher was built without --gamma (always 1.25). Here both get the flag's value."""
     from dino_simpool.dino.config import parse_config
-    from dino_simpool.dino.trainer import build_student_teacher
+    from dino_simpool.dino.build import build_student_teacher
     for gamma, want in (("2.0", 2.0), ("None", None), ("default", 1.25)):
         cfg = parse_config(TINY_VIT + ["--gamma", gamma, "--out_dim", "16"])
         student, teacher = build_student_teacher(cfg)
@@ -418,7 +420,8 @@ def test_knn_eval_unwraps_a_wrapped_teacher(tmp_path):
     from dino_simpool.data import build_dataset
     from dino_simpool.dino.augment import eval_transform
     from dino_simpool.dino.config import parse_config
-    from dino_simpool.dino.trainer import build_student_teacher, knn_eval, unwrap
+    from dino_simpool.dino.build import build_student_teacher, unwrap
+    from dino_simpool.dino.trainer import knn_eval
 
     class Wrapper(nn.Module):
         def __init__(self, m):

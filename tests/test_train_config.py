@@ -52,7 +52,7 @@ def test_resnet_student_from_default_config_has_no_drop_path():
     """The official ResNet-50 has no stochastic depth; timm's ResNet builds DropPath layers for any rate > 0."""
     from timm.layers import DropPath
 
-    from dino_simpool.dino.trainer import build_student_teacher
+    from dino_simpool.dino.build import build_student_teacher
     c = parse_config(["--data_path", "/data", "--arch", "resnet_test", "--out_dim", "16"])
     student, teacher = build_student_teacher(c)
     assert not [m for m in student.modules() if isinstance(m, DropPath) and m.drop_prob > 0]

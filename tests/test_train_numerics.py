@@ -17,7 +17,7 @@ from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import MultiCropAugmentation
 from dino_simpool.dino.config import parse_config
 from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all, seed_step
-from dino_simpool.dino.trainer import build_student_teacher
+from dino_simpool.dino.build import build_student_teacher
 from dino_simpool.train import main
 
 BATCH, NITER, ITERS = 8, 2, 4  # 20 images, batch 8 -> 2 iterations per epoch; 4 iterations = 2 epochs

@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = [
     "param_groups", "is_regularized", "LARS", "OPTIMIZERS", "build_optimizer", "clip_gradients",
-    "cancel_gradients_last_layer", "ema_update", "apply_schedules", "strip_module_prefix",
+    "clip_gradients_", "cancel_gradients_last_layer", "ema_update", "apply_schedules", "strip_module_prefix",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -110,37 +110,44 @@ def build_optimizer(name: str, groups: list[dict], **kwargs) -> torch.optim.Opti
 
 
 def clip_gradients(model: nn.Module, clip: float, mode: str = "per_tensor") -> list[float]:
-    """Clip gradients in place and return the gradient norms measured *before* clipping.
+    """``clip_gradients_`` plus the norms as Python floats (one host sync: for logging and tests)."""
+    norms = clip_gradients_(model, clip, mode)
+    return norms.tolist() if norms is not None else []
 
-    ``per_tensor`` (DINO): each parameter's gradient is scaled by ``min(1, clip / (||g|| + 1e-6))``; returns one norm
-    per parameter with a gradient. ``global``: ``torch.nn.utils.clip_grad_norm_`` over all of them; returns
-    ``[total_norm]``. ``clip <= 0`` measures only. One host sync per call.
+
+def clip_gradients_(model: nn.Module, clip: float, mode: str = "per_tensor") -> torch.Tensor | None:
+    """Clip gradients in place and return the gradient norms measured *before* clipping, as a tensor on the
+    gradients' device (no host sync); None when no parameter has a gradient.
+
+    ``per_tensor`` (DINO): each parameter's gradient is scaled by ``min(1, clip / (||g|| + 1e-6))``; one norm per
+    parameter with a gradient. ``global``: ``torch.nn.utils.clip_grad_norm_`` over all of them; ``[total_norm]``.
+    ``clip <= 0`` measures only.
     """
     if mode not in ("per_tensor", "global"):
         raise ValueError(f"clip mode must be 'per_tensor' or 'global', got {mode!r}")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return []
+        return None
     if mode == "global":
         if clip > 0:
             total = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
         else:
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        return [float(total)]
+        return total.reshape(1)
     device = grads[0].device
     if all(g.device == device for g in grads):
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         if clip > 0:
             coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs.unbind(), grads)])
-        return norms.tolist()
+        return norms
     out = []
     for g in grads:  # parameters on several devices: plain loop
         n = torch.linalg.vector_norm(g.float())
         if clip > 0:
             g.mul_((clip / (n + 1e-6)).clamp(max=1.0).to(g.dtype))
-        out.append(float(n))
-    return out
+        out.append(n.cpu())
+    return torch.stack(out)
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:

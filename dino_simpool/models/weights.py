@@ -39,12 +39,11 @@ from typing import Any
 
 import torch
 
-from dino_simpool.checkpoint import CheckpointError, load_checkpoint
+from dino_simpool.checkpoint import CheckpointError, describe_key_mismatch, load_checkpoint
 from dino_simpool.models.backbones import VIT_ARCHS, Backbone, build_backbone
 
 WEIGHT_FILES = ("model.safetensors", "backbone.safetensors", "backbone.pth", "model.pth", "checkpoint.pth")
 STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
-_MAX_LISTED = 25
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,27 +210,12 @@ def map_state_dict(sd: dict[str, torch.Tensor], model: Backbone) -> tuple[dict[s
 
 def _check_and_fill(model: Backbone, mapped: dict[str, torch.Tensor], origin: dict[str, str], fmt: str, path) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in mapped and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in mapped if k not in expected]
-    mis_shaped = [
-        f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in mapped
-        if k in expected and mapped[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mis_shaped:
-
-        def show(items):
-            more = f" ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-            return "\n    " + "\n    ".join(items[:_MAX_LISTED]) + more if items else " none"
-
-        unexpected_shown = [f"{k} (from {origin[k]!r})" if origin.get(k, k) != k else k for k in unexpected]
+    mismatch = describe_key_mismatch(expected, mapped, origin)
+    if mismatch:
         cfg = model.config
         raise CheckpointError(
             f"checkpoint {path} (detected format: {fmt}) does not match the model "
-            f"{cfg['arch']}/pooling={cfg['pooling']}/gamma={cfg['gamma']}; nothing was loaded.\n"
-            f"  missing keys ({len(missing)}):{show(missing)}\n"
-            f"  unexpected keys ({len(unexpected)}):{show(unexpected_shown)}\n"
-            f"  shape mismatches ({len(mis_shaped)}):{show(mis_shaped)}\n"
+            f"{cfg['arch']}/pooling={cfg['pooling']}/gamma={cfg['gamma']}; nothing was loaded.\n{mismatch}\n"
             f"  Build the model that matches the checkpoint (arch, pooling, gamma: a SimPool ViT with gamma has a "
             f"'beta', img_size/patch_size set the pos_embed grid), or use build_backbone_from_checkpoint."
         )
