@@ -55,11 +55,12 @@ class _RecordingWriter:
         self.f.flush()
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+def save_atomic(obj: Any, path: str | os.PathLike, resume_point: str | os.PathLike | None = None) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash mid-write leaves the previous checkpoint intact; a failed write (ENOSPC, EROFS, EDQUOT...) removes the
-    temporary file and raises ``CheckpointWriteError``. The file gets the mode a plain ``open`` would give (0666 less
+    temporary file and raises ``CheckpointWriteError``, whose message says what is intact: ``resume_point`` (the run's
+    ``checkpoint.pth`` when ``path`` is a snapshot), else ``path`` itself. The file gets the mode a plain ``open`` would give (0666 less
     the umask), not mkstemp's owner-only 0600, so that other users' evaluation jobs can read it as usual.
     """
     path = Path(path)
@@ -80,7 +81,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         cause = writer.error if writer is not None and writer.error is not None else e
         if isinstance(cause, OSError) or _looks_full(path.parent):
-            raise _write_error(path, cause) from None
+            raise _write_error(path, cause, Path(resume_point) if resume_point else path) from None
         raise
     return path
 
@@ -93,17 +94,17 @@ def _looks_full(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < 1 << 20
 
 
-def _write_error(path: Path, cause: BaseException) -> CheckpointWriteError:
+def _write_error(path: Path, cause: BaseException, intact: Path) -> CheckpointWriteError:
     err = getattr(cause, "errno", None)
     if err is None and _looks_full(path.parent):
         err = errno.ENOSPC
     reason = f"{os.strerror(err)} ({errno.errorcode.get(err, err)})" if err else f"{type(cause).__name__}: {cause}"
-    if path.is_file():
-        st = path.stat()
-        prev = (f"the previous {path.name} is intact ({st.st_size / 2**20:.1f} MiB, written "
+    if intact.is_file():
+        st = intact.stat()
+        prev = (f"the previous {intact.name} is intact ({st.st_size / 2**20:.1f} MiB, written "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.st_mtime))})")
     else:
-        prev = f"no earlier {path.name} existed, so nothing was lost"
+        prev = f"no earlier {intact.name} existed, so nothing was lost"
     return CheckpointWriteError(
         f"cannot write checkpoint {path}: {reason}; {prev}. Free space on that disk (or fix its permissions), or "
         f"pass another --output_dir, then rerun the same command to resume", err)
@@ -153,7 +154,7 @@ class Checkpointer:
         ``finished_epoch`` (the epoch just completed) is one the schedule keeps."""
         if self.main:
             if finished_epoch is not None and self.snapshot_every and finished_epoch % self.snapshot_every == 0:
-                save_atomic(state, self.snapshot_path(finished_epoch))
+                save_atomic(state, self.snapshot_path(finished_epoch), resume_point=self.path)
             save_atomic(state, self.path)
         D.barrier()
 

@@ -44,7 +44,9 @@ from dino_simpool.dino.summary import EpochSums, log_epoch, nonfinite_message
 from dino_simpool.logs import Logger, Progress, format_seconds
 from dino_simpool.rundir import RunLock, RunLockedError, prepare_output_dir
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
+from dino_simpool.watchdog import PeerWatchdog
 
+PEER_TIMEOUT_S = 60.0  # a peer silent this long ends the job (docs/reliability.md); the gloo/NCCL timeout is longer
 CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "iter_in_epoch", "config")
 
 
@@ -78,10 +80,16 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     lock = RunLock(out)
     try:
         env = D.init_distributed(cfg.backend, cfg.dist_url)
+        watchdog = PeerWatchdog.for_process_group(timeout=PEER_TIMEOUT_S)
+        finished = False
         try:
             _lock_on_rank0(lock, env.is_main)
-            return _train(cfg, env, hooks, stop)
+            code = _train(cfg, env, hooks, stop)
+            finished = True
+            return code
         finally:
+            if watchdog is not None:
+                watchdog.stop(finished)
             D.cleanup()
     finally:
         lock.release()
