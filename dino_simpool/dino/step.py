@@ -12,6 +12,7 @@ scaler.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -108,3 +109,40 @@ def agree(flags: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
+
+
+class HostReadCounter:
+    """Counts the calls that read a tensor's value back to the host (``item``, ``tolist``, ``cpu``, ``numpy``,
+    ``bool``/``float``/``int`` of a tensor), per training iteration. On a GPU each of them is a device sync; on CPU
+    they are free, so this is how the sync budget of the step is checked without a GPU (tests, benchmarks).
+
+    ``with HostReadCounter() as c:`` patches ``torch.Tensor`` for the block; ``c.mark()`` starts a new iteration's
+    count (the trainer's ``before_step`` hook calls it); ``c.per_iteration`` is the list of counts."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self):
+        self.per_iteration: list[int] = []
+        self._saved: dict[str, object] = {}
+
+    def mark(self, *_args) -> None:
+        self.per_iteration.append(0)
+
+    def __enter__(self) -> "HostReadCounter":
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(t, *a, _orig=original, **k):
+                # torch.optim reads its step counters, which live on the host even on a GPU run: not a device sync
+                if self.per_iteration and "/torch/optim/" not in sys._getframe(1).f_code.co_filename:
+                    self.per_iteration[-1] += 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
