@@ -8,7 +8,7 @@ Key layouts (``config.json["layout"]``; ``export_backbone(layout="auto")`` picks
   pretrained_cfg_overlay=dict(file=".../backbone.safetensors"), num_classes=0, **spec["kwargs"])`` where
   ``spec = config["timm"]``, and that model computes the same features. ``config.json`` is also a timm local-folder
   config (``architecture``, ``model_args``, ``pretrained_cfg``), so ``timm.create_model("local-dir:<folder>",
-  pretrained=True)`` (timm >= 1.0.20) builds and loads it strictly. ViT ``gap`` (ssl norm order: final LayerNorm
+  pretrained=True)`` (timm releases that read ``local-dir:`` names, e.g. 1.0.31) builds and loads it strictly. ViT ``gap`` (ssl norm order: final LayerNorm
   *after* averaging the patch tokens) is timm's ``global_pool="avg"`` whose LayerNorm is ``fc_norm``, so the final
   norm is exported as ``fc_norm.*``.
 * ``"dino_simpool"`` (SimPool and every other pooling): this project's keys, ``encoder.*`` (the timm model, timm
@@ -52,6 +52,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -187,8 +188,6 @@ def _timm_folder_config(spec: dict[str, Any], config: dict[str, Any], embed_dim:
     if not spec["complete"]:
         return {"architecture": spec["model_name"], "num_classes": 0, "num_features": embed_dim, "model_args": {},
                 "pretrained_cfg": {"architecture": spec["model_name"], "num_classes": 0}}
-    import timm
-
     default = timm.models.get_pretrained_cfg(spec["model_name"])  # classifier / first_conv names for adaptation
     size = config.get("img_size") if arch_family(config["arch"]) == "vit" else 224
     size = list(size) if isinstance(size, (list, tuple)) else [size, size]
@@ -254,7 +253,8 @@ def official_state_dict(model) -> dict[str, torch.Tensor]:
     """The backbone's tensors under the official DINO / SimPool key names (module docstring, ``"official"``);
     ValueError for a backbone without an official counterpart or a key the official layout has no name for."""
     family = _check_official(model)
-    key_ok = {"vit": _OFFICIAL_VIT_KEY.match, "resnet": _OFFICIAL_RESNET_KEY.match, "convnext": lambda k: True}[family]
+    key_ok = {"vit": _OFFICIAL_VIT_KEY.match, "resnet": _OFFICIAL_RESNET_KEY.match,
+              "convnext": lambda k: True}[family]  # ConvNeXt: timm_convnext_to_fb refuses unknown keys
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         if k.startswith("pool."):

@@ -95,17 +95,21 @@ def test_timm_loads_cls_and_gap_exports(tmp_path, arch, pooling):
             torch.testing.assert_close(t(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,pooling", [
-    ("vit_tiny", "cls"), ("vit_tiny", "gap"),
-    pytest.param("resnet_test", "gap", marks=pytest.mark.slow), pytest.param("convnext_test", "gap", marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,pooling,layout", [
+    ("vit_tiny", "cls", "auto"), ("vit_tiny", "gap", "auto"), ("vit_tiny", "cls", "official"),
+    pytest.param("resnet_test", "gap", "auto", marks=pytest.mark.slow),
+    pytest.param("resnet_test", "gap", "official", marks=pytest.mark.slow),
+    pytest.param("convnext_test", "gap", "auto", marks=pytest.mark.slow),
 ])
-def test_timm_local_dir_loads_cls_and_gap_exports_strictly(tmp_path, arch, pooling):
+def test_timm_local_dir_loads_cls_and_gap_exports_strictly(tmp_path, arch, pooling, layout):
     """config.json is also a timm local-folder config: timm.create_model("local-dir:<folder>") builds the model and
-    loads it strictly (num_classes 0 on both sides), with the same features; a new head only adds head keys."""
+    loads it strictly (num_classes 0 on both sides), with the same features; a new head only adds head keys. The
+    official ViT cls and ResNet gap keys are timm's, so those official exports are timm models too."""
     import timm
 
     model = perturbed(tiny(pooling, arch), 3)
-    export_backbone(model, tmp_path / "exp")
+    meta = export_backbone(model, tmp_path / "exp", layout=layout)
+    assert meta["timm"]["complete"] and meta["layout"] == ("timm" if layout == "auto" else "official")
     t = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
     sd = read_export_weights(tmp_path / "exp" / "backbone.safetensors")
     assert t.num_classes == 0 and set(t.state_dict()) == set(sd)
