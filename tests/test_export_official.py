@@ -9,6 +9,7 @@ them with ``load_state_dict(strict=True)`` and through the official ``load_pretr
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from dino_simpool.export import (export_backbone, export_checkpoint, load_export
                                  read_export_weights)
 from dino_simpool.models import build_backbone, build_backbone_from_checkpoint, load_pretrained
 
+REPO = Path(__file__).resolve().parents[1]
 VIT = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
 
 
@@ -326,6 +328,8 @@ def test_official_layout_round_trips_through_our_loaders(tmp_path, arch, pooling
         built, report = build_backbone_from_checkpoint(tmp_path / "exp")
         assert report["config_source"] == "config.json"
         assert torch.equal(built.eval()(x), ref)
+        hub = torch.hub.load(str(REPO), f"{arch}_{pooling}", source="local", weights=str(tmp_path / "exp"))
+        assert torch.equal(hub(x), ref)
         # the weights file alone, as a foreign checkpoint: the loader recognises the official format
         model = build_backbone(arch, pooling=pooling, **kw).eval()
         report = load_pretrained(model, tmp_path / "exp" / "backbone.pth", compat=None)
