@@ -8,8 +8,14 @@
 must name the entry's arch and pooling. Nothing is downloaded. The model is a ``dino_simpool`` ``Backbone``:
 ``model(x)`` is the pooled embedding (B, d); ``model.attention_maps(x)`` gives the attention maps.
 
-Entries: ``<arch>_simpool`` for every arch, ``<vit>_cls`` / ``<vit>_gap`` for ViTs and ``<cnn>_gap`` for CNNs
-(``torch.hub.list(repo, source="local")`` lists them).
+Entries: ``<arch>_simpool`` for every arch, ``<vit>_cls`` / ``<vit>_gap`` for ViTs and ``<cnn>_gap`` for CNNs;
+``ENTRIES`` holds their names. ``torch.hub.list`` and ``torch.hub.help`` take a GitHub ``owner/repo[:ref]`` only
+(they download it, and unlike ``torch.hub.load`` they have no ``source="local"``), so on a local checkout, offline,
+read this module instead:
+
+    import sys; sys.path.insert(0, "/path/to/dino-simpool"); import hubconf
+    print(hubconf.ENTRIES)                    # the names torch.hub.list would give
+    print(hubconf.vit_small_simpool.__doc__)  # the text torch.hub.help would give
 """
 dependencies = ["torch", "timm"]
 
@@ -48,3 +54,5 @@ for _arch in _CNNS:
     for _pool in ("simpool", "gap"):
         globals()[f"{_arch}_{_pool}"] = _make_entry(_arch, _pool)
 del _arch, _pool
+#: the entry names, as torch.hub.list gives them (public callables; a tuple, so not an entry itself)
+ENTRIES = tuple(sorted(n for n, v in globals().items() if callable(v) and not n.startswith("_")))

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed_dim", default=None, type=int)
     p.add_argument("--num_heads", default=None, type=int)
     p.add_argument("--img_size", default=None, type=int)
+    p.add_argument("--layout", default="auto", choices=("auto", "official"),
+                   help="key names: auto (timm's for cls/gap, this project's encoder.*/pool.* otherwise) or official "
+                        "(the official DINO/SimPool names, for their eval_knn.py/eval_linear.py: ViT cls/simpool, "
+                        "ResNet and ConvNeXt gap/simpool)")
     return p
 
 
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
     if args.gamma is not _UNSET:
         overrides["gamma"] = args.gamma
     try:
-        meta = export_checkpoint(args.checkpoint, args.output_dir, checkpoint_key=args.key, **overrides)
+        meta = export_checkpoint(args.checkpoint, args.output_dir, checkpoint_key=args.key, layout=args.layout,
+                                 **overrides)
     except (CheckpointError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"dino-simpool-export: error: {msg}", file=sys.stderr)
@@ -61,9 +66,13 @@ def main(argv=None) -> int:
     if spec["complete"]:
         print(f"  load in timm: timm.create_model({spec['model_name']!r}, pretrained=True, num_classes=0{kw}, "
               f"pretrained_cfg_overlay=dict(file='{args.output_dir}/backbone.safetensors'))")
-    else:
-        print(f"  timm equivalent: timm.create_model({spec['model_name']!r}, num_classes=0{kw}) for encoder.*; "
+    elif "encoder" in spec:
+        enc = spec["encoder"]
+        kw = "".join(f", {k}={v!r}" for k, v in enc["kwargs"].items())
+        print(f"  timm equivalent: timm.create_model({enc['model_name']!r}, num_classes=0{kw}) for encoder.*; "
               f"{spec['note']}")
+    else:
+        print(f"  official layout: {spec['note']}")
     print(f"  training config sha256: {meta['training_config_sha256']}")
     print(json.dumps({"files": meta["files"]}))
     return 0

@@ -95,6 +95,60 @@ def test_timm_loads_cls_and_gap_exports(tmp_path, arch, pooling):
             torch.testing.assert_close(t(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch,pooling,layout", [
+    ("vit_tiny", "cls", "auto"), ("vit_tiny", "gap", "auto"), ("vit_tiny", "cls", "official"),
+    pytest.param("resnet_test", "gap", "auto", marks=pytest.mark.slow),
+    pytest.param("resnet_test", "gap", "official", marks=pytest.mark.slow),
+    pytest.param("convnext_test", "gap", "auto", marks=pytest.mark.slow),
+])
+def test_timm_local_dir_loads_cls_and_gap_exports_strictly(tmp_path, arch, pooling, layout):
+    """config.json is also a timm local-folder config: timm.create_model("local-dir:<folder>") builds the model and
+    loads it strictly (num_classes 0 on both sides), with the same features; a new head only adds head keys. The
+    official ViT cls and ResNet gap keys are timm's, so those official exports are timm models too."""
+    import timm
+
+    model = perturbed(tiny(pooling, arch), 3)
+    meta = export_backbone(model, tmp_path / "exp", layout=layout)
+    assert meta["timm"]["complete"] and meta["layout"] == ("timm" if layout == "auto" else "official")
+    t = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
+    sd = read_export_weights(tmp_path / "exp" / "backbone.safetensors")
+    assert t.num_classes == 0 and set(t.state_dict()) == set(sd)
+    x = x_of(model)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), model(x), rtol=1e-5, atol=1e-5)
+    with_head = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True, num_classes=5)
+    assert with_head.num_classes == 5
+    assert all(torch.equal(with_head.state_dict()[k], v) for k, v in sd.items())
+
+
+SIMPOOL_LIKE = [
+    ("vit_tiny", "simpool", "auto"), ("vit_tiny", "gem", "auto"), ("vit_tiny", "simpool", "official"),
+    pytest.param("resnet_test", "simpool", "auto", marks=pytest.mark.slow),
+    pytest.param("convnext_test", "simpool", "official", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("arch,pooling,layout", SIMPOOL_LIKE)
+def test_timm_route_refuses_exports_that_are_not_timm_models(tmp_path, arch, pooling, layout):
+    """A SimPool (or any own-pooling) export through the cls/gap recipe, or through timm's local-dir route, must fail
+    with a message that names this project's loader, not load nothing and hand back a random network."""
+    import timm
+
+    model = perturbed(tiny(pooling, arch), 7)
+    meta = export_backbone(model, tmp_path / "exp", layout=layout)
+    spec = json.loads((tmp_path / "exp" / "config.json").read_text())["timm"]
+    assert spec == json.loads(json.dumps(meta["timm"])) and not spec["complete"] and spec["kwargs"] == {}
+    for fname in ("backbone.safetensors", "backbone.pth"):
+        with pytest.raises(RuntimeError, match=r"Unknown model \(dino-simpool .* load it with load_exported\(folder\)"):
+            timm.create_model(spec["model_name"], pretrained=True, num_classes=0, **spec["kwargs"],
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "exp" / fname)))
+    with pytest.raises(RuntimeError, match=r"load it with load_exported\(folder\) from dino_simpool's export module"):
+        timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)
+    x = x_of(model)
+    with torch.no_grad():  # while the project's loader reads it completely
+        assert torch.equal(load_exported(tmp_path / "exp")(x), model(x))
+
+
 def test_simpool_round_trip_from_config_json_alone(tmp_path):
     import timm
 
@@ -111,10 +165,12 @@ def test_simpool_round_trip_from_config_json_alone(tmp_path):
         other, _ = build_backbone_from_checkpoint(tmp_path / "exp")  # the evaluators' loader reads exports too
         assert torch.equal(other.eval()(x), ref)
         # the documented timm equivalent: timm ViT without class token + SimPool + final norm
-        spec = meta["timm"]
+        enc = meta["timm"]["encoder"]
         sd = read_export_weights(tmp_path / "exp" / "backbone.safetensors")
-        t = timm.create_model(spec["model_name"], pretrained=False, num_classes=0, **spec["kwargs"]).eval()
-        t.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}, strict=True)
+        t = timm.create_model(enc["model_name"], pretrained=False, num_classes=0, **enc["kwargs"]).eval()
+        assert enc["kwargs"]["class_token"] is False and enc["kwargs"]["global_pool"] == ""
+        t.load_state_dict({k[len(enc["prefix"]):]: v for k, v in sd.items() if k.startswith(enc["prefix"])},
+                          strict=True)
         sp = SimPool(32, gamma=meta["gamma"], use_beta=True).eval()
         sp.load_state_dict({k[len("pool."):]: v for k, v in sd.items() if k.startswith("pool.")}, strict=True)
         tokens = t.blocks(t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(x)))))

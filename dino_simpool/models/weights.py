@@ -144,6 +144,30 @@ def _fb_convnext_to_timm(k: str) -> str:
     return k
 
 
+fb_convnext_to_timm = _fb_convnext_to_timm  # public name; the exporter's inverse is timm_convnext_to_fb
+
+_TIMM_CONVNEXT_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_TIMM_CONVNEXT_DOWN = re.compile(r"^stages\.(\d+)\.downsample\.(.+)$")
+
+
+def timm_convnext_to_fb(k: str) -> str:
+    """timm ConvNeXt key -> the FB/official layout (the inverse of the loader's FB -> timm mapping); ValueError
+    for a key the official layout has no name for (e.g. the classifier ``head.fc.*``)."""
+    if k.startswith("stem."):
+        return "downsample_layers.0." + k[len("stem."):]
+    if m := _TIMM_CONVNEXT_DOWN.match(k):
+        return f"downsample_layers.{m.group(1)}.{m.group(2)}"
+    if m := _TIMM_CONVNEXT_BLOCK.match(k):
+        rest = m.group(3)
+        for timm_name, fb_name in (("conv_dw.", "dwconv."), ("mlp.fc1.", "pwconv1."), ("mlp.fc2.", "pwconv2.")):
+            if rest.startswith(timm_name):
+                rest = fb_name + rest[len(timm_name):]
+        return f"stages.{m.group(1)}.{m.group(2)}.{rest}"
+    if k.startswith("head.norm."):
+        return "norm." + k[len("head.norm."):]
+    raise ValueError(f"timm ConvNeXt key {k!r} has no name in the official (FB) ConvNeXt layout")
+
+
 def detect_format(sd: dict[str, torch.Tensor]) -> str:
     """``dino_simpool`` | ``simpool_official`` | ``timm`` | ``dino`` (wrappers already stripped)."""
     keys = list(sd)
@@ -434,4 +458,6 @@ __all__ = [
     "detect_format",
     "map_state_dict",
     "infer_config",
+    "fb_convnext_to_timm",
+    "timm_convnext_to_fb",
 ]
