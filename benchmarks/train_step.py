@@ -20,6 +20,7 @@ import datetime
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,33 @@ from dino_simpool.dino.config import parse_config  # noqa: E402
 from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all  # noqa: E402
 from dino_simpool.dino.head import DINOHead, MultiCropWrapper  # noqa: E402,F401
 from dino_simpool.dino.loss import DINOLoss  # noqa: E402
-from dino_simpool.dino.optim import (build_optimizer, cancel_gradients_last_layer, clip_gradients,  # noqa: E402
-                                     ema_update, param_groups)
-from dino_simpool.data.loader import make_loader
+from dino_simpool.dino.optim import build_optimizer, param_groups  # noqa: E402
+from dino_simpool.data.loader import make_loader  # noqa: E402
 from dino_simpool.dino.build import build_student_teacher  # noqa: E402
+from dino_simpool.dino.step import DINOStep, HostReadCounter, StepSettings  # noqa: E402
+from dino_simpool.dino.trainer import Hooks  # noqa: E402
+from dino_simpool.train import main as train_main  # noqa: E402
+
+# Host reads per iteration of the real trainer before the step was rewritten, counted the same way (HostReadCounter,
+# a new count at each seed_step call) on commit 7ccc5ad with the flags of host_reads_per_iteration (2026-12-01).
+HOST_READS_BEFORE = 5
+
+
+def host_reads_per_iteration(iters: int = 10) -> int:
+    """The most host reads (item/tolist/cpu/...: device syncs on a GPU) in any iteration of the real trainer but the
+    epoch's last (which ends the epoch), bf16 with clipping, logging off (--log_every above the run)."""
+    out = Path("/tmp/dino_simpool_bench_reads")
+    args = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8",
+            "--synthetic_size", "32", "--synthetic_per_class", str(max(1, iters * 4 // 10)), "--batch_size_per_gpu",
+            "4", "--num_workers", "1", "--global_crops_size", "32", "--local_crops_size", "16",
+            "--local_crops_number", "2", "--out_dim", "64", "--epochs", "1", "--warmup_epochs", "0",
+            "--warmup_teacher_temp_epochs", "0", "--eval_every", "0", "--clip_grad", "3.0", "--log_every", "100000",
+            "--precision", "bf16", "--output_dir", str(out)]
+    if out.exists():
+        shutil.rmtree(out)
+    with HostReadCounter() as counter:
+        train_main(args, hooks=Hooks(before_step=counter.mark))
+    return max(counter.per_iteration[:-1])
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -108,19 +132,12 @@ def main(argv=None) -> int:
     crops = [torch.randn(B, 3, cfg.global_crops_size, cfg.global_crops_size) for _ in range(2)] + \
             [torch.randn(B, 3, cfg.local_crops_size, cfg.local_crops_size) for _ in range(cfg.local_crops_number)]
 
-    def step(images):
-        with torch.no_grad():
-            t_out = teacher(images[:2])
-        s_out = student(images)
-        loss = loss_fn(s_out, t_out, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:  # as the trainer: DINO's per-tensor clipping, then the last-layer freeze (a no-op after it)
-            clip_gradients(student, cfg.clip_grad, cfg.clip_grad_mode)
-        cancel_gradients_last_layer(cfg.freeze_last_layer, student, cfg.freeze_last_layer)
-        opt.step()
-        ema_update(teacher, student, 0.996)
-        return loss
+    dino_step = DINOStep(student, student, teacher, loss_fn, opt,
+                         StepSettings("fp32", cfg.clip_grad, cfg.clip_grad_mode, cfg.freeze_last_layer),
+                         torch.device("cpu"))
+
+    def step(images):  # the trainer's step, after the last-layer freeze (epoch = freeze_last_layer)
+        return dino_step(images, cfg.freeze_last_layer, 0.996)
 
     from torch.utils.flop_counter import FlopCounterMode
     step(crops)  # warm-up
@@ -185,6 +202,7 @@ def main(argv=None) -> int:
             loops[workers, nice] = real_loop(loader_with(workers, nice), epoch)
     loop_ips, wait = loops[demo_workers, demo_nice]
 
+    reads = host_reads_per_iteration()
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     nparams = sum(p.numel() for p in student.parameters())
@@ -205,6 +223,8 @@ def main(argv=None) -> int:
         *[(f"real loop ({w} worker(s), nice {n}{' = the demo' if (w, n) == (demo_workers, demo_nice) else ''})",
             f"{ips:.1f} img/s", f"{100 * ips / step_ips:.0f}% of the step alone; {100 * wt:.1f}% of it waiting for "
             f"data") for (w, n), (ips, wt) in loops.items()],
+        ("host reads per iteration (real trainer, bf16, clipping)", f"{reads}",
+         f"each one a device sync on a GPU; {HOST_READS_BEFORE} before the step was rewritten (7ccc5ad)"),
         ("peak RSS, main process", f"{rss_self:.0f} MiB", ""),
         ("peak RSS, largest worker", f"{rss_children:.0f} MiB", ""),
     ]

@@ -46,7 +46,10 @@ from dino_simpool.rundir import RunLock, RunLockedError, prepare_output_dir
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
 from dino_simpool.watchdog import PeerWatchdog
 
-PEER_TIMEOUT_S = 60.0  # a peer silent this long ends the job (docs/reliability.md); the gloo/NCCL timeout is longer
+PEER_TIMEOUT_S = 60.0  # a peer silent this long ends the job (docs/reliability.md)
+# Each collective's timeout (torch's default is 30 min): bounds a rank that is alive but stuck; the longest legitimate
+# wait is a barrier behind rank 0's checkpoint write (the periodic k-NN is sharded over the ranks)
+DIST_TIMEOUT_S = 600.0
 CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "iter_in_epoch", "config")
 
 
@@ -79,7 +82,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     stop = stop or PreemptionFlag().install()
     lock = RunLock(out)
     try:
-        env = D.init_distributed(cfg.backend, cfg.dist_url)
+        env = D.init_distributed(cfg.backend, cfg.dist_url, timeout_s=DIST_TIMEOUT_S)
         watchdog = PeerWatchdog.for_process_group(timeout=PEER_TIMEOUT_S)
         finished = False
         try:
