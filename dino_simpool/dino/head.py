@@ -48,7 +48,8 @@ class DINOHead(nn.Module):
     """DINO projection head.
 
     With ``norm_last_layer=True`` the weight-norm magnitude (``weight_g``, here ``original0``) is fixed to 1 and not
-    trained, so every output unit is a unit-norm direction. Loads both the new parametrization keys and the old
+    trained, so every output unit is a unit-norm direction. ``fp32_logits``: under autocast, compute the last layer in
+    fp32 (benchmarks/precision.py measures what bf16 logits cost). Loads both the new parametrization keys and the old
     ``last_layer.weight_g/weight_v`` keys of official checkpoints.
     """
 
@@ -61,6 +62,7 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
+        fp32_logits: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
@@ -77,10 +79,15 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             g.requires_grad_(False)
         self.norm_last_layer = bool(norm_last_layer)
+        self.fp32_logits = bool(fp32_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
+        if self.fp32_logits and torch.is_autocast_enabled(x.device.type):
+            # the logits are divided by a teacher temperature of 0.04: bf16's ~4e-3 steps near +-1 become 0.1 steps
+            with torch.autocast(x.device.type, enabled=False):
+                return self.last_layer(x.float())
         return self.last_layer(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
