@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+from dino_simpool.config import EMBEDDED_DEFAULTS
 
 # The demo configuration = the embedded-dataset defaults of the training CLI (``EMBEDDED_DEFAULTS`` in
 # dino_simpool/dino/config.py, what `dino-simpool-train` with no --data_path uses), minus the periodic k-NN (the demo
@@ -105,7 +105,7 @@ def prepare_demo_dir(output_dir: str | Path, keep: bool = False, force: bool = F
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.dino.determinism import seed_all
     from dino_simpool.dino.trainer import build_student_teacher, train
 

@@ -39,7 +39,7 @@ from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
-from dino_simpool.dino.config import TrainConfig
+from dino_simpool.config import TrainConfig
 from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, get_rng_state, rng_isolated,
                                            seed_all, seed_step, set_rng_state)
 from dino_simpool.dino.head import DINOHead, MultiCropWrapper
