@@ -70,8 +70,8 @@ def describe(cfg: Any) -> str:
         shown.append(f"{n} {'auto (fp32 on CPU, bf16 on CUDA)' if n == 'precision' and v is None else fmt(v)}")
     body = ", ".join(shown) if shown else "none of the main flags (all were given)"
     if p is not None and p.embedded:
-        return f"training defaults: no --data_path, so the flags not given take the embedded-dataset values " \
-               f"(the demo's configuration): {body}"
+        return f"training defaults: the embedded dataset's (the demo's configuration; give a --data_path for " \
+               f"--preset dino or simpool): the flags not given take: {body}"
     preset = cfg.preset if p is None else p.preset
     other = "simpool" if preset == "dino" else "dino"
     why = "" if p is None else f"{p.reason}; "
