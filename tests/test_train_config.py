@@ -147,7 +147,8 @@ def test_yaml_unknown_key_and_bad_value(tmp_path):
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--global_crops_scale", "0.5", "0.2"], "global_crops_scale"),
     (["--epochs", "3", "--data_path", "/d"], "warmup_epochs"),
-    (["--epochs", "20", "--warmup_epochs", "2", "--data_path", "/d", "--preset", "simpool"], "warmup_teacher_temp_epochs"),
+    (["--epochs", "20", "--warmup_epochs", "2", "--data_path", "/d", "--preset", "simpool"],
+     "warmup_teacher_temp_epochs"),
     (["--epochs", "1"], "warmup_epochs"),  # embedded defaults: 2 warm-up epochs
     (["--arch", "resnet34"], "--arch must be one of"),
     (["--subset", "0"], "subset"),

@@ -14,8 +14,8 @@ from dino_simpool.config.fields import Alias
 from dino_simpool.models.options import MODE_NAMES
 
 ALIASES = (
-    Alias("mode", "pooling", "official SimPool alias: official = DINO's pooling (--pooling cls for ViTs, gap for CNNs), "
-          "simpool = --pooling simpool; giving it also selects --preset simpool", choices=MODE_NAMES),
+    Alias("mode", "pooling", "official SimPool alias: official = DINO's pooling (--pooling cls for ViTs, gap for "
+          "CNNs), simpool = --pooling simpool; giving it also selects --preset simpool", choices=MODE_NAMES),
     Alias("use_fp16", "precision", "DINO's alias: True = --precision fp16, False = --precision fp32 "
           "(default: not given, see --precision) [DINO: True]", token=bool_flag),
 )

@@ -23,7 +23,7 @@ from dino_simpool.cli import available_cpus
 from dino_simpool.config.aliases import fold_aliases
 from dino_simpool.config.fields import (above, at_least, check_fields, coerce_fields, flag_fields, flag_group, plain,
                                         scale_range, within)
-from dino_simpool.config.presets import describe
+from dino_simpool.config.presets import Provenance, describe
 from dino_simpool.models.backbones import arch_family, list_archs
 from dino_simpool.models.options import Gamma, resolve_gamma, resolve_pooling
 
@@ -51,6 +51,13 @@ def _non_empty(v: str | None) -> str | None:
 
 def _subset(v: int) -> str | None:
     return None if v == -1 or v > 0 else f"must be -1 (all images) or a positive number of images per class; got {v}"
+
+
+def _family(arch: str) -> str:
+    try:
+        return arch_family(arch)
+    except ValueError as e:
+        raise ValueError(f"--arch must be one of the supported architectures ({e})") from None
 
 
 def _niceness(v: int | None) -> str | None:
@@ -181,7 +188,7 @@ class TrainConfig:
         "dino (DINO has no --mode), so that both repositories' README commands mean what they mean at home")
 
     # how the command line chose the defaults (set by parse_config; not a flag, not compared, not saved)
-    provenance: Any = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    provenance: Provenance | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -191,10 +198,7 @@ class TrainConfig:
         """Coerce types (YAML gives lists, strings), resolve the per-family defaults, check every value; raises
         ValueError naming the flag and the fix."""
         coerce_fields(self)
-        try:
-            family = arch_family(self.arch)
-        except ValueError as e:
-            raise ValueError(f"--arch must be one of the supported architectures ({e})") from None
+        family = _family(self.arch)
         self.pooling = resolve_pooling(self.pooling, family)
         self.gamma = resolve_gamma(self.gamma, family)
         if self.drop_path_rate is None:
@@ -249,13 +253,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown configuration key(s) {unknown}; valid keys are the training flags: "
                              f"{', '.join(sorted(names))}")
-        if mode is not None:
-            arch = str(d.get("arch", cls.arch))
-            try:
-                family = arch_family(arch)
-            except ValueError as e:
-                raise ValueError(f"--arch must be one of the supported architectures ({e})") from None
-            d["pooling"] = resolve_pooling(d.get("pooling"), family, mode)
+        if mode is not None:  # --mode official is the family's own pooling: cls for ViTs, gap for CNNs
+            d["pooling"] = resolve_pooling(d.get("pooling"), _family(str(d.get("arch", cls.arch))), mode)
         return cls(**d)
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
