@@ -262,6 +262,7 @@ def test_num_threads_is_applied_before_work(tmp_path, capsys):
     assert TrainConfig().num_threads is None
 
 
+@pytest.mark.slow
 def test_cli_prints_the_preset_line_and_warnings(tmp_path):
     """The real command: DINO's README line (output to a temporary folder) prints the preset line on stdout, then
     stops with one clear line at the missing dataset; a rising schedule is warned about on stderr."""
