@@ -88,6 +88,10 @@ def home(defaults: dict, **line) -> dict:
     return {**defaults, **line}
 
 
+SIMPOOL_VITS_HOME = home(SIMPOOL_HOME, arch="vit_small", drop_path_rate=0.1, optimizer="adamw", use_bn_in_head=False,
+                         out_dim=65536, batch_size_per_gpu=100, lr=0.0005, min_lr=1e-5, global_crops_scale=(0.25, 1.0),
+                         local_crops_scale=(0.05, 0.25), norm_last_layer=False, warmup_teacher_temp_epochs=30,
+                         weight_decay=0.04, weight_decay_end=0.4)
 # line -> (preset it must choose, what the home repository trains with it)
 CASES = {
     "dino_vits": (DINO_VITS, "dino", home(DINO_HOME, pooling="cls")),
@@ -99,17 +103,10 @@ CASES = {
     "dino_rn50": (DINO_RN50, "dino", home(DINO_HOME, arch="resnet50", pooling="gap", drop_path_rate=0.0,
                                           optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
                                           global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14))),
-    "simpool_vits": (SIMPOOL_VITS, "simpool", home(
-        SIMPOOL_HOME, arch="vit_small", pooling="simpool", gamma=1.25, drop_path_rate=0.1, optimizer="adamw",
-        use_bn_in_head=False, out_dim=65536, batch_size_per_gpu=100, lr=0.0005, min_lr=1e-5,
-        global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), norm_last_layer=False,
-        warmup_teacher_temp_epochs=30, weight_decay=0.04, weight_decay_end=0.4)),
+    "simpool_vits": (SIMPOOL_VITS, "simpool", {**SIMPOOL_VITS_HOME, "pooling": "simpool", "gamma": 1.25}),
     # the README's "For ViT-S official adjust --mode official": DINO's [CLS] under SimPool's other defaults
-    "simpool_vits_official": (SIMPOOL_VITS.replace("--mode simpool", "--mode official"), "simpool", home(
-        SIMPOOL_HOME, arch="vit_small", pooling="cls", optimizer="adamw", use_bn_in_head=False, out_dim=65536,
-        batch_size_per_gpu=100, lr=0.0005, min_lr=1e-5, global_crops_scale=(0.25, 1.0),
-        local_crops_scale=(0.05, 0.25), norm_last_layer=False, warmup_teacher_temp_epochs=30, weight_decay=0.04,
-        weight_decay_end=0.4)),
+    "simpool_vits_official": (SIMPOOL_VITS.replace("--mode simpool", "--mode official"), "simpool",
+                              {**SIMPOOL_VITS_HOME, "pooling": "cls"}),
     "simpool_rn50": (SIMPOOL_RN50, "simpool", home(SIMPOOL_HOME, pooling="simpool", gamma=2.0, precision="fp32",
                                                    drop_path_rate=0.0, batch_size_per_gpu=90)),
     "simpool_convnext": (SIMPOOL_CONVNEXT, "simpool", home(
