@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dino_simpool.data import build_dataset  # noqa: E402
 from dino_simpool.data.loader import make_loader  # noqa: E402
 from dino_simpool.dino.augment import MultiCropAugmentation  # noqa: E402
-from dino_simpool.dino.config import parse_config  # noqa: E402
+from dino_simpool.config import parse_config  # noqa: E402
 from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all, seed_step  # noqa: E402
 from dino_simpool.dino.build import build_student_teacher  # noqa: E402
 from dino_simpool.dino.loss import DINOLoss  # noqa: E402

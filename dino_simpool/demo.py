@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+from dino_simpool.config import EMBEDDED_DEFAULTS
 
 # The demo configuration = the embedded-dataset defaults of the training CLI (``EMBEDDED_DEFAULTS`` in
-# dino_simpool/dino/config.py, what `dino-simpool-train` with no --data_path uses), minus the periodic k-NN (the demo
+# dino_simpool/config/, what `dino-simpool-train` with no --data_path uses), minus the periodic k-NN (the demo
 # runs its own before/after k-NN): a 2-block, 64-wide SimPool ViT (2 heads, patch 4: 8x8 tokens on 32 px crops),
 # 2 global 32 px crops (scale 0.5-1) and 2 local 16 px crops (scale 0.2-0.5) of the 64 px images, head out_dim 64;
 # AdamW, lr 0.008 at batch 256 (1e-3 at batch 32), batch 32, 25 epochs of 1000 images (100 per class): 775 steps.
@@ -105,7 +105,7 @@ def prepare_demo_dir(output_dir: str | Path, keep: bool = False, force: bool = F
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.dino.determinism import seed_all
     from dino_simpool.dino.build import build_student_teacher
     from dino_simpool.dino.trainer import train

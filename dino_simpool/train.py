@@ -12,6 +12,8 @@ from typing import Sequence
 
 from dino_simpool.signals import EXIT_BAD_INPUT, EXIT_IO_ERROR, PreemptionFlag
 
+PROG = "dino-simpool-train"
+
 
 def main(argv: Sequence[str] | None = None, hooks=None) -> int:
     # The stop handlers go in before torch is imported (2-3 s): a SIGUSR1/SIGTERM then is honoured at the first
@@ -24,12 +26,25 @@ def main(argv: Sequence[str] | None = None, hooks=None) -> int:
 
 
 def _run(argv, hooks, stop: PreemptionFlag) -> int:
-    from dino_simpool.checkpoint import CheckpointError, CheckpointWriteError  # after the handlers: see main()
-    from dino_simpool.dino.config import parse_config
+    # imported after the handlers are in: see main()
+    import torch
+
+    from dino_simpool.checkpoint import CheckpointError, CheckpointWriteError
+    from dino_simpool.config import parse_config
+    from dino_simpool.distributed import detect_env
     from dino_simpool.dino.trainer import train
 
     try:
         cfg = parse_config(argv)
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        env = detect_env()
+        if env.is_main:
+            info, warnings = start_up_lines(cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu")
+            for line in info:
+                print(f"{PROG}: {line}", flush=True)
+            for line in warnings:
+                print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
         return train(cfg, hooks=hooks, stop=stop)
     except CheckpointWriteError as e:
         _error(e)
@@ -39,8 +54,15 @@ def _run(argv, hooks, stop: PreemptionFlag) -> int:
         return EXIT_BAD_INPUT
 
 
+def start_up_lines(cfg, world_size: int, device_type: str) -> tuple[list[str], list[str]]:
+    """(information, warnings) to print once at start-up: the defaults the run took, and what looks wrong."""
+    from dino_simpool.config import device_warnings, schedule_warnings  # loaded by _run already
+
+    return [cfg.describe_preset()], schedule_warnings(cfg, world_size) + device_warnings(cfg, device_type)
+
+
 def _error(e: BaseException) -> None:
-    print(f"dino-simpool-train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

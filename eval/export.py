@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from dino_simpool.dino.config import float_or_none
+from dino_simpool.models.options import parse_gamma as float_or_none
 
 
 _UNSET = object()

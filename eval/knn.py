@@ -43,7 +43,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dino_simpool.dino.config import bool_flag, float_or_none
+from dino_simpool.cli import bool_flag
+from dino_simpool.models.options import parse_gamma as float_or_none
 
 DEFAULT_KS = (10, 20, 100, 200)
 GPU_MAX_K = 2048  # faiss GPU k-selection limit

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from dino_simpool import distributed as du
-from dino_simpool.dino.config import bool_flag, float_or_none
+from dino_simpool.cli import bool_flag
+from dino_simpool.models.options import parse_gamma as float_or_none
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
 from .linear_heads import (

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino_simpool.dino.config import float_or_none
+from dino_simpool.models.options import parse_gamma as float_or_none
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

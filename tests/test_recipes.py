@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dino_simpool.dino.config import build_parser, load_recipe, parse_config
+from dino_simpool.config import build_parser, load_recipe, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))

@@ -82,7 +82,7 @@ def test_two_steps(tmp_path, model_args, capsys):
     if "fp16" in model_args:
         assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
     # config.yaml is the resolved config and parses back
-    from dino_simpool.dino.config import TrainConfig
+    from dino_simpool.config import TrainConfig
     import yaml
     cfg = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     assert cfg.max_iters == 2 and cfg.precision in ("fp32", "bf16", "fp16")
@@ -142,7 +142,7 @@ class _WorkerNiceness(torch.utils.data.Dataset):
 
 
 def test_loader_workers_run_at_the_configured_niceness():
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.data.loader import make_loader
 
     base = os.nice(0)
@@ -256,7 +256,7 @@ def test_mismatched_checkpoint_exit_2(tmp_path, capsys):
 
 
 def test_pretrained_weights_start_student_and_teacher(tmp_path, capsys):
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.dino.build import build_student_teacher, init_from_pretrained
 
     first = tmp_path / "first"
@@ -366,7 +366,7 @@ def test_no_arguments_trains_on_the_embedded_defaults(tmp_path, capsys):
     run says so; a flag given explicitly still wins."""
     import yaml
 
-    from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+    from dino_simpool.config import EMBEDDED_DEFAULTS
     out = tmp_path / "run"
     t0 = time.perf_counter()
     assert main(["--max_iters", "1", "--output_dir", str(out)]) == 0
@@ -400,7 +400,7 @@ def test_unusable_output_dir_exit_2(tmp_path, kind, capsys):
 
 def test_teacher_gets_the_students_gamma():
     """Official bug: the ViT teacher was built without --gamma (always 1.25). Here both get the flag's value."""
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.dino.build import build_student_teacher
     for gamma, want in (("2.0", 2.0), ("None", None), ("default", 1.25)):
         cfg = parse_config(TINY_VIT + ["--gamma", gamma, "--out_dim", "16"])
@@ -419,7 +419,7 @@ def test_knn_eval_unwraps_a_wrapped_teacher(tmp_path):
 
     from dino_simpool.data import build_dataset
     from dino_simpool.dino.augment import eval_transform
-    from dino_simpool.dino.config import parse_config
+    from dino_simpool.config import parse_config
     from dino_simpool.dino.build import build_student_teacher, unwrap
     from dino_simpool.dino.trainer import knn_eval
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dino_simpool.dino.config import TrainConfig, bool_flag, parse_config
+from dino_simpool.cli import bool_flag
+from dino_simpool.config import TrainConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
 
 
 def test_defaults_are_simpool_main_dino():
-    c = parse_config(["--data_path", "/data/imagenet"])  # with a data path: the ImageNet-scale official defaults
+    # with a data path and --preset simpool: the ImageNet-scale official SimPool defaults
+    c = parse_config(["--data_path", "/data/imagenet", "--preset", "simpool"])
     # SimPool's main_dino.py defaults (DINO differs on these)
     assert (c.arch, c.out_dim, c.use_bn_in_head, c.teacher_temp, c.warmup_teacher_temp_epochs) == \
         ("resnet50", 60000, True, 0.07, 50)
@@ -64,7 +66,7 @@ def test_resnet_student_from_default_config_has_no_drop_path():
 
 def test_embedded_defaults_without_data_path():
     from dino_simpool.demo import DEMO_FLAGS
-    from dino_simpool.dino.config import EMBEDDED_DEFAULTS
+    from dino_simpool.config import EMBEDDED_DEFAULTS
     c = parse_config([])
     for k, v in EMBEDDED_DEFAULTS.items():
         got = getattr(c, k)
@@ -145,7 +147,8 @@ def test_yaml_unknown_key_and_bad_value(tmp_path):
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--global_crops_scale", "0.5", "0.2"], "global_crops_scale"),
     (["--epochs", "3", "--data_path", "/d"], "warmup_epochs"),
-    (["--epochs", "20", "--warmup_epochs", "2", "--data_path", "/d"], "warmup_teacher_temp_epochs"),
+    (["--epochs", "20", "--warmup_epochs", "2", "--data_path", "/d", "--preset", "simpool"],
+     "warmup_teacher_temp_epochs"),
     (["--epochs", "1"], "warmup_epochs"),  # embedded defaults: 2 warm-up epochs
     (["--arch", "resnet34"], "--arch must be one of"),
     (["--subset", "0"], "subset"),
@@ -179,7 +182,7 @@ def test_argparse_errors_are_one_line(argv, flag, capsys):
 
 
 def test_arch_help_lists_exactly_the_accepted_archs():
-    from dino_simpool.dino.config import build_parser
+    from dino_simpool.config import build_parser
     from dino_simpool.models.backbones import list_archs
     action = next(a for a in build_parser()._actions if "--arch" in a.option_strings)
     listed = re.search(r"backbone: ([\w, ]+?) \[", action.help)[1].split(", ")

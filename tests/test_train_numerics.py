@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 from dino_simpool.checkpoint import load_checkpoint
 from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import MultiCropAugmentation
-from dino_simpool.dino.config import parse_config
+from dino_simpool.config import parse_config
 from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all, seed_step
 from dino_simpool.dino.build import build_student_teacher
 from dino_simpool.train import main

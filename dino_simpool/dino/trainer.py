@@ -28,12 +28,12 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_simpool import distributed as D
+from dino_simpool.config import TrainConfig
 from dino_simpool.checkpoint import Checkpointer, CheckpointError, describe_key_mismatch
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
 from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, place, unwrap
-from dino_simpool.dino.config import TrainConfig
 from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, get_rng_state, rng_isolated,
                                            seed_all, seed_step, set_rng_state)
 from dino_simpool.dino.loss import DINOLoss
