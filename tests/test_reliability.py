@@ -309,7 +309,7 @@ def test_resume_with_another_model_lists_the_keys(tmp_path, capsys):
     capsys.readouterr()
     other = list(base)
     other[other.index("--depth") + 1] = "2"
-    assert main(other + ["--output_dir", str(out)]) == 2
+    assert main(other + ["--output_dir", str(out), "--resume_force", "True"]) == 2
     err = capsys.readouterr().err
     assert "missing keys (" in err and "backbone.encoder.blocks.1." in err and "Traceback" not in err
 
@@ -371,3 +371,28 @@ def test_watchdog_tells_a_finished_peer_from_a_failed_one():
         assert bool(lost) == expect_lost, (finished, lost)
         if expect_lost:
             assert len(lost) == 1 and "rank 0: rank 1 has not answered" in lost[0]
+
+
+def test_resume_with_result_changing_flags_is_refused_unless_forced(tmp_path, capsys):
+    from dino_simpool.logs import read_json_log
+    from dino_simpool.train import main
+
+    out = tmp_path / "run"
+    base = list(TINY)
+    base[base.index("--num_workers") + 1] = "0"
+    assert main(base + ["--max_iters", "1", "--output_dir", str(out)]) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    # flags that do not change the result may differ
+    assert main(base + ["--max_iters", "2", "--log_every", "5", "--output_dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(base + ["--seed", "1", "--lr", "0.001", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--seed: 0 in the stored run, 1 now" in err and "--lr:" in err and "--resume_force" in err
+    assert "--log_every" not in err and "--max_iters" not in err
+    assert (out / "checkpoint.pth").read_bytes() != before  # the second (compatible) resume did advance it
+    resumed = load_checkpoint(out / "checkpoint.pth")["iteration"]
+    assert main(base + ["--seed", "1", "--max_iters", "3", "--resume_force", "True", "--output_dir", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 3 and resumed == 2
+    assert [e["changed"] for e in read_json_log(out / "log.txt") if e.get("event") == "resume_force"] == \
+        [["--seed: 0 in the stored run, 1 now"]]

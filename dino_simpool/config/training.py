@@ -163,6 +163,9 @@ class TrainConfig:
     max_iters: int | None = run(None, "stop (with a checkpoint) after N total iterations", affects_result=False,
                                 check=at_least(1, optional=True))
     log_every: int = run(10, "print a progress line every N iterations", affects_result=False, check=positive)
+    resume_force: bool = run(False, "resume from --output_dir's checkpoint even when flags that change the result "
+                             "(arch, data, batch, lr, epochs, seed, ...) differ from the stored run's (True/False); "
+                             "without it such a resume stops and lists the differences", affects_result=False)
     # --- periodic k-NN ---
     eval_every: int = knn(5, "k-NN on val every N epochs (and at the last); 0 = off", affects_result=False,
                           check=non_negative)

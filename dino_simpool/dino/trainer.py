@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_simpool import distributed as D
-from dino_simpool.config import TrainConfig
+from dino_simpool.config import TrainConfig, result_differences
 from dino_simpool.checkpoint import Checkpointer, CheckpointError, describe_key_mismatch
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
@@ -326,6 +326,15 @@ class TrainState:
     def resume(self, ck: dict, niter: int, rank: int, world: int, log: Logger) -> tuple[int, int, int]:
         """Load ``ck`` into the models, optimizer and loss; returns (epoch, iteration in epoch, global iteration)."""
         path, cfg_file = self.ckpt.path, self.ckpt.folder / "config.yaml"
+        changed = result_differences(ck["config"], self.config)
+        if changed and not self.config.get("resume_force"):
+            raise CheckpointError(f"{path} does not match these flags: the run that wrote it differs in flags "
+                                  f"that change the result:\n  "
+                                  + "\n  ".join(changed) + f"\n  resume with that run's flags (see {cfg_file}), pass "
+                                  f"--resume_force True to continue with the new ones, or use another --output_dir")
+        if changed:
+            log.info("resuming with changed flags (--resume_force): " + "; ".join(changed))
+            log.event({"event": "resume_force", "changed": changed})
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             mismatch = describe_key_mismatch(unwrap(model).state_dict(), ck[name])
             if mismatch:
