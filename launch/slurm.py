@@ -76,9 +76,8 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # character (and an undecodable byte, which Python keeps as a lone surrogate) has no business in a path or a name.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # sbatch splits an #SBATCH line itself (src/sbatch/opt.c, _get_argument): whitespace separates, ' and " group,
-# \ escapes, an unquoted # starts a comment; and "hetjob"/"packjob" anywhere on the line starts a heterogeneous job.
+# \ escapes the next character (but never keeps a space), an unquoted # starts a comment.
 _SBATCH_SPECIAL_RE = re.compile(r"[\s'\"\\#]")
-_HETJOB_RE = re.compile(r"hetjob|packjob", re.IGNORECASE)
 DEFAULT_CPUS_PER_GPU_TASK = 10  # DINO's own Slurm launcher: 10 CPUs (data-loading workers) per GPU
 DEFAULT_CPUS_PER_CPU_TASK = 1
 
@@ -101,9 +100,6 @@ def check_sbatch_word(flag: str, value: str) -> str:
     if m:
         raise ValueError(f"{flag} {value!r}: {m.group()!r} is not allowed (sbatch splits #SBATCH lines at spaces and "
                          "reads quotes, '\\' and '#' itself); Slurm names and lists never need it")
-    if _HETJOB_RE.search(value):
-        raise ValueError(f"{flag} {value!r}: sbatch takes 'hetjob'/'packjob' anywhere on an #SBATCH line as the start "
-                         "of a heterogeneous job; use another name")
     return value
 
 
@@ -112,16 +108,14 @@ def sbatch_path(flag: str, path: str, filename_pattern: bool = False) -> str:
     those inside quotes; a ``\\`` escapes the ``"``: a backslash does not escape a space there), and
     (``filename_pattern``, as for ``--output``) ``%`` doubled so that Slurm does not read it as ``%j`` and friends.
 
-    A ``\\`` is refused: Slurm's filename patterns turn every replacement off when the name holds one. A ``%`` is
-    refused where the value is not a filename pattern (``--chdir``): Slurm versions differ in whether they expand it.
+    A ``\\`` is refused: sbatch's line parser reads it as an escape, and Slurm's filename patterns give it a meaning
+    of their own (``\\\\`` turns the ``%`` replacements off). A ``%`` is refused where the value is not a filename
+    pattern (``--chdir``, taken literally by Slurm 22.05): doubling it would be wrong there.
     """
     check_text(flag, path)
     if "\\" in path:
         raise ValueError(f"{flag} {path!r}: a '\\' in a path is not supported by Slurm's #SBATCH lines; "
                          "use a path without it")
-    if _HETJOB_RE.search(path):
-        raise ValueError(f"{flag} {path!r}: sbatch takes 'hetjob'/'packjob' anywhere on an #SBATCH line as the start "
-                         "of a heterogeneous job; use a path without it")
     if "%" in path and not filename_pattern:
         raise ValueError(f"{flag} {path!r}: a '%' is not supported here; use a path without it")
     if filename_pattern:
