@@ -242,9 +242,9 @@ def check_gpu_setup(local_rank: int = 0, environ: Mapping[str, str] | None = Non
     n = torch.cuda.device_count()
     if local_rank >= n and n != 1:
         raise GpuSetupError(
-            f"local rank {local_rank} has no GPU of its own: this node shows {n} GPU(s) for ranks 0..{local_rank} at "
-            "least, so two ranks would share a GPU; start one task per GPU (dino-simpool-launch: --gpus-per-node = "
-            "the GPUs you request; torchrun: --nproc_per_node <= the GPUs)")
+            f"local rank {local_rank} has no GPU of its own: this process sees {n} GPUs (cuda:0..cuda:{n - 1}), so "
+            f"it would share cuda:{local_rank % n} with local rank {local_rank % n}; start one task per GPU "
+            "(dino-simpool-launch: --gpus-per-node = the GPUs per node; torchrun: --nproc_per_node <= the GPUs)")
     index = local_rank if local_rank < n else 0
     cap = tuple(torch.cuda.get_device_capability(index))
     arches = list(torch.cuda.get_arch_list())

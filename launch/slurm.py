@@ -28,7 +28,7 @@ job id, the script and the log paths (``--dry-run`` prints the script and submit
 
 Every value that reaches the script is checked first: control characters (a newline above all) are refused
 everywhere; values on ``#SBATCH`` lines, which sbatch splits itself (no shell there), may not hold spaces, quotes,
-``\\`` or ``#`` (paths get those escaped for sbatch instead, ``%`` doubled for ``--output``); in the shell part every
+``\\`` or ``#`` (paths are double-quoted for sbatch instead, ``%`` doubled in ``--output``); in the shell part every
 value is one single-quoted word (``shlex.quote``), assigned to a variable and printed as its own argument, never
 pasted into a double-quoted string.
 
@@ -143,7 +143,7 @@ class LaunchSpec:
     constraint: str | None = None
     exclude: str | None = None
     mem: str | None = None
-    cpus_per_task: int | None = None  # None: default_cpus_per_task
+    cpus_per_task: int | None = None  # None: the default (see .cpus)
     cpus_per_node: int | None = None  # the nodes' CPUs, when known: the default cpus_per_task is this / tasks per node
     job_name: str | None = None
     mail_user: str | None = None
