@@ -12,15 +12,25 @@ job id, the script and the log paths (``--dry-run`` prints the script and submit
 - every task runs ``<python> -m <job module>`` directly, with the Python of the environment the launcher runs in;
   rank, world size, master address and port come from :mod:`dino_simpool.distributed` (no torchrun, no rendezvous
   file);
-- srun gets ``--cpus-per-task`` from ``SLURM_CPUS_PER_TASK`` (srun 22.05-23.08 no longer inherits it);
+- ``--cpus-per-task`` defaults to 10 per GPU task (DINO's own launcher; 80 CPUs for 8 GPUs), to
+  ``--cpus-per-node // tasks per node`` when ``--cpus-per-node`` is given, and to 1 for CPU tasks; srun gets it from
+  ``SLURM_CPUS_PER_TASK`` (srun 22.05-23.08 no longer inherits it). A job ``--num_workers`` above it is warned about;
 - ``--signal=USR1@<grace>``: the tasks save and exit 75 (see ``dino_simpool.signals``). srun runs in the background
   and the batch shell's traps pass a SIGUSR1 or SIGTERM that reaches only the shell (``scancel --batch``) on to srun
   as SIGUSR1, once (srun relays it to every task; it would turn a SIGTERM into SIGKILL). The batch script then runs
   ``scontrol requeue`` itself, after srun has returned. It does this rather than rank 0 because then (a) every rank
   has finished writing before Slurm kills the step, (b) the decision uses srun's exit status (the highest over all
-  tasks), so a rank killed by a signal (128+n) or a failure on every rank (1, 3) is not requeued, (c) the count and its limit live in
-  one place for train, knn and linear alike, and (d) the job's state is checked first: a saved exit after
-  ``scancel`` (state COMPLETING) is not brought back.
+  tasks), so a rank killed by a signal (128+n) or a failure on every rank (1, 3) is not requeued, (c) the count and
+  its limit live in one place for train, knn and linear alike, and (d) the job's state is checked first: a saved
+  exit after ``scancel`` (state COMPLETING) is not brought back;
+- a stop signal that the batch shell passed on and that ended the tasks before their handler was up (exit 143 =
+  128+SIGTERM or 138 = 128+SIGUSR1: Python still importing) counts as preempted, like exit 75.
+
+Every value that reaches the script is checked first: control characters (a newline above all) are refused
+everywhere; values on ``#SBATCH`` lines, which sbatch splits itself (no shell there), may not hold spaces, quotes,
+``\\`` or ``#`` (paths are double-quoted for sbatch instead, ``%`` doubled in ``--output``); in the shell part every
+value is one single-quoted word (``shlex.quote``), assigned to a variable and printed as its own argument, never
+pasted into a double-quoted string.
 
 Exit codes: 0 submitted (or dry run printed); 2 bad options or sbatch refused the job (its own message is shown).
 """
@@ -36,6 +46,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from dino_simpool.cli import OneLineErrorParser
 
 TEMPLATE = Path(__file__).with_name("templates") / "slurm.sbatch"
 
@@ -58,6 +70,57 @@ _TIME_RE = re.compile(
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAIL_TYPES = {"NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
                "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS"}
+_MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# A newline would end the #SBATCH line (or the comment) it is on and run the rest as shell; every other control
+# character (and an undecodable byte, which Python keeps as a lone surrogate) has no business in a path or a name.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# sbatch splits an #SBATCH line itself (src/sbatch/opt.c, _get_argument): whitespace separates, ' and " group,
+# \ escapes the next character (but never keeps a space), an unquoted # starts a comment.
+_SBATCH_SPECIAL_RE = re.compile(r"[\s'\"\\#]")
+DEFAULT_CPUS_PER_GPU_TASK = 10  # DINO's own Slurm launcher: 10 CPUs (data-loading workers) per GPU
+DEFAULT_CPUS_PER_CPU_TASK = 1
+
+
+def check_text(what: str, value: str) -> str:
+    """``value`` if it holds no control character (a newline above all); else a ValueError naming ``what``."""
+    m = _CONTROL_RE.search(value)
+    if m:
+        raise ValueError(f"{what} {value!r} contains the control character {m.group()!r} (position {m.start()}): "
+                         "remove it (a newline would end the sbatch script's line and run the rest as shell)")
+    return value
+
+
+def check_sbatch_word(flag: str, value: str) -> str:
+    """A value for an ``#SBATCH --flag=value`` line: one word that sbatch's own line parser keeps as it is."""
+    check_text(flag, value)
+    if not value:
+        raise ValueError(f"{flag} is empty: give a value or leave the option out")
+    m = _SBATCH_SPECIAL_RE.search(value)
+    if m:
+        raise ValueError(f"{flag} {value!r}: {m.group()!r} is not allowed (sbatch splits #SBATCH lines at spaces and "
+                         "reads quotes, '\\' and '#' itself); Slurm names and lists never need it")
+    return value
+
+
+def sbatch_path(flag: str, path: str, filename_pattern: bool = False) -> str:
+    """``path`` written for an ``#SBATCH`` line: in double quotes when it holds a space, a quote or ``#`` (sbatch keeps
+    those inside quotes; a ``\\`` escapes the ``"``: a backslash does not escape a space there), and
+    (``filename_pattern``, as for ``--output``) ``%`` doubled so that Slurm does not read it as ``%j`` and friends.
+
+    A ``\\`` is refused: sbatch's line parser reads it as an escape, and Slurm's filename patterns give it a meaning
+    of their own (``\\\\`` turns the ``%`` replacements off). A ``%`` is refused where the value is not a filename
+    pattern (``--chdir``, taken literally by Slurm 22.05): doubling it would be wrong there.
+    """
+    check_text(flag, path)
+    if "\\" in path:
+        raise ValueError(f"{flag} {path!r}: a '\\' in a path is not supported by Slurm's #SBATCH lines; "
+                         "use a path without it")
+    if "%" in path and not filename_pattern:
+        raise ValueError(f"{flag} {path!r}: a '%' is not supported here; use a path without it")
+    if filename_pattern:
+        path = path.replace("%", "%%")
+    return '"' + path.replace('"', '\\"') + '"' if _SBATCH_SPECIAL_RE.search(path) else path
 
 
 @dataclass
@@ -80,7 +143,8 @@ class LaunchSpec:
     constraint: str | None = None
     exclude: str | None = None
     mem: str | None = None
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # None: the default (see .cpus)
+    cpus_per_node: int | None = None  # the nodes' CPUs, when known: the default cpus_per_task is this / tasks per node
     job_name: str | None = None
     mail_user: str | None = None
     mail_type: str | None = None
@@ -101,6 +165,15 @@ class LaunchSpec:
     @property
     def tasks_per_node(self) -> int:
         return self.gpus_per_node if self.gpus_per_node > 0 else (self.ntasks_per_node or 1)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs per task written into the script: --cpus-per-task, else the default (see the module docstring)."""
+        if self.cpus_per_task is not None:
+            return self.cpus_per_task
+        if self.cpus_per_node is not None:
+            return max(1, self.cpus_per_node // self.tasks_per_node)
+        return DEFAULT_CPUS_PER_GPU_TASK if self.gpus_per_node > 0 else DEFAULT_CPUS_PER_CPU_TASK
 
     @property
     def slurm_dir(self) -> str:
@@ -131,6 +204,11 @@ class LaunchSpec:
                     "one task per GPU; leave --ntasks-per-node out (it is for --gpus-per-node 0, CPU tasks)")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             bad(f"--cpus-per-task must be >= 1; got {self.cpus_per_task}")
+        if self.cpus_per_node is not None and self.cpus_per_node < self.tasks_per_node:
+            bad(f"--cpus-per-node {self.cpus_per_node} is below the {self.tasks_per_node} task(s) per node: give the "
+                "CPUs of one node (e.g. 96)")
+        if self.mem is not None and not _MEM_RE.match(self.mem):
+            bad(f"--mem {self.mem!r} is not a Slurm memory size: use a number with an optional K, M, G or T (e.g. 400G)")
         if self.time is not None and not _TIME_RE.match(self.time):
             bad(f"--time {self.time!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
         if self.signal_grace < 1:
@@ -148,7 +226,29 @@ class LaunchSpec:
                 bad("--mail-type needs --mail-user (the address to mail)")
         if not os.path.isabs(self.output_dir) or not os.path.isabs(self.workdir):
             bad("internal: output_dir and workdir must be absolute paths")
+        self._check_script_values()
         return self
+
+    def _check_script_values(self) -> None:
+        """Refuse every value that could not be written into the script as it is (see the module docstring)."""
+        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--qos", self.qos),
+                            ("--constraint", self.constraint), ("--exclude", self.exclude),
+                            ("--mail-user", self.mail_user), ("--mail-type", self.mail_type)):
+            if value is not None:
+                check_sbatch_word(flag, value)
+        sbatch_path("--output_dir", self.output_dir, filename_pattern=True)
+        sbatch_path("the working directory (the job's --chdir; run the launcher from another directory)", self.workdir)
+        check_text("the Python interpreter path", self.python)
+        if not self.python:
+            raise ValueError("no Python interpreter path (sys.executable is empty): run the launcher with a Python")
+        if self.module is not None:
+            check_text("--module", self.module)
+            if not self.module.endswith(".py") and not _MODULE_RE.match(self.module):
+                raise ValueError(f"--module {self.module!r} is neither a Python module name (a.b.c) nor a .py file")
+        for i, a in enumerate(self.job_args):
+            prev = self.job_args[i - 1] if i else ""
+            of = f" (the value of {prev})" if prev.startswith("-") and not a.startswith("-") else ""
+            check_text(f"job argument {i + 1} after --{of}", a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +305,8 @@ def resolve_job_args(job: str, job_args: Sequence[str], output_dir: str | None, 
 
 
 def _sbatch_lines(spec: LaunchSpec) -> list[str]:
+    """The ``#SBATCH`` lines. sbatch reads them itself (no shell): every value was checked by ``spec.validate()``
+    and paths are escaped for sbatch's parser by :func:`sbatch_path`."""
     lines = [
         f"--job-name={spec.name}",
         f"--nodes={spec.nodes}",
@@ -212,24 +314,24 @@ def _sbatch_lines(spec: LaunchSpec) -> list[str]:
     ]
     if spec.gpus_per_node > 0:
         lines.append(f"--gres=gpu:{spec.gpus_per_node}")
-    if spec.cpus_per_task is not None:
-        lines.append(f"--cpus-per-task={spec.cpus_per_task}")
+    lines.append(f"--cpus-per-task={spec.cpus}")
     if spec.mem is not None:
         lines.append(f"--mem={spec.mem}")
     for flag, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account),
                         ("qos", spec.qos), ("constraint", spec.constraint), ("exclude", spec.exclude),
                         ("mail-user", spec.mail_user), ("mail-type", spec.mail_type)):
         if value is not None:
-            lines.append(f"--{flag}={value}")
+            lines.append(f"--{flag}={check_sbatch_word('--' + flag, value)}")
     if spec.handles_signal:
         lines.append(f"--signal=USR1@{spec.signal_grace}")
     lines += [
         "--requeue",
         "--open-mode=append",
-        f"--output={spec.log_path()}",
-        f"--chdir={spec.workdir}",
+        # the directory escaped (a % in it doubled), then the file name with Slurm's own %j (the job id)
+        f"--output={sbatch_path('--output_dir', spec.slurm_dir, filename_pattern=True)}/{spec.name}-%j.log",
+        f"--chdir={sbatch_path('--chdir', spec.workdir)}",
     ]
-    return [f"#SBATCH {shlex.quote(x) if ' ' in x else x}" for x in lines]
+    return [f"#SBATCH {x}" for x in lines]
 
 
 def _group_flags(args: Sequence[str]) -> list[list[str]]:
@@ -279,23 +381,25 @@ def render_script(spec: LaunchSpec) -> str:
                 "# for and nothing is passed on to it: it runs until it ends or the time limit kills it (not requeued).\n"
                 "# A Slurm preemption with PreemptMode=REQUEUE requeues it (--requeue) and it runs again:\n"
                 f"# {again}. `scancel --signal=USR1 --full` kills it.")
-    text = TEMPLATE.read_text(encoding="utf-8")
+    # Each value is substituted once, in one pass over the template: a value that happens to contain "{{SRUN}}"
+    # stays text. In the shell part every value is one shlex-quoted word assigned to a variable.
     subs = {
-        "{{SBATCH}}": "\n".join(_sbatch_lines(spec)),
-        "{{SCRIPT}}": shlex.quote(spec.script_path),
-        "{{DESCRIPTION}}": what,
-        "{{PREEMPTION_NOTE}}": note,
-        "{{OUTPUT_DIR}}": shlex.quote(spec.output_dir),
-        "{{MAX_REQUEUES}}": str(spec.max_requeues),
-        "{{JOB_NAME}}": spec.name,
-        "{{SRUN}}": _srun_block(spec),
-        "{{FORWARD_STOP}}": "1" if spec.handles_signal else "0",
-        "{{JOB_MODULE}}": module,
+        "SBATCH": "\n".join(_sbatch_lines(spec)),
+        "SCRIPT": shlex.quote(spec.script_path),  # in a comment, ready to copy
+        "DESCRIPTION": what,  # in comments (no newline can reach them: checked)
+        "PREEMPTION_NOTE": note,
+        "OUTPUT_DIR": shlex.quote(spec.output_dir),
+        "MAX_REQUEUES": str(spec.max_requeues),
+        "JOB_NAME": shlex.quote(spec.name),
+        "JOB_MODULE": shlex.quote(module),
+        "RESUME": shlex.quote(f"sbatch {shlex.quote(spec.script_path)}"),
+        "SRUN": _srun_block(spec),
+        "FORWARD_STOP": "1" if spec.handles_signal else "0",
     }
-    for key, value in subs.items():
-        text = text.replace(key, value)
-    assert "{{" not in text, "unfilled placeholder in the sbatch template"
-    return text
+    template = TEMPLATE.read_text(encoding="utf-8")
+    unknown = set(re.findall(r"\{\{(\w+)\}\}", template)) ^ set(subs)
+    assert not unknown, f"sbatch template and render_script disagree on the placeholders {sorted(unknown)}"
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: subs[m.group(1)], template)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +407,7 @@ def render_script(spec: LaunchSpec) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="dino-simpool-launch",
         description="Submit DINO-SimPool pretraining (or a k-NN / linear evaluation) to Slurm: one task per GPU, "
                     "USR1 before the time limit, save + requeue on preemption. Everything after `--` goes to the job.",
@@ -314,13 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nodes", type=int, default=1)
     r.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU; 0 = CPU tasks with gloo")
     r.add_argument("--ntasks-per-node", type=int, default=None, help="CPU mode (--gpus-per-node 0) only; default 1")
-    r.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers)")
+    r.add_argument("--cpus-per-task", type=int, default=None,
+                   help=f"CPUs per task (the main process and its data-loading workers). Default: --cpus-per-node "
+                        f"divided by the tasks per node when given, else {DEFAULT_CPUS_PER_GPU_TASK} per GPU task "
+                        f"(DINO's choice: 80 CPUs for 8 GPUs) and {DEFAULT_CPUS_PER_CPU_TASK} per CPU task")
+    r.add_argument("--cpus-per-node", type=int, default=None,
+                   help="the CPUs of one node (e.g. 96, from `sinfo -o %%c`), to derive --cpus-per-task from")
     r.add_argument("--mem", default=None, help="memory per node, e.g. 400G (Slurm's --mem)")
     r.add_argument("--partition", default=None, help="default: the cluster's default partition")
     r.add_argument("--time", default=None, help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
     r.add_argument("--account", default=None)
     r.add_argument("--qos", default=None)
-    r.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
+    r.add_argument("--constraint", default=None,
+                   help="node features (site names), e.g. a100 or h100. The shipped torch runs sm_75 (Turing) and "
+                        "newer, so avoid V100 nodes (sm_70): the job would stop at start-up")
     r.add_argument("--exclude", default=None, help="nodes to avoid, e.g. node[03,07]")
     j = p.add_argument_group("job")
     j.add_argument("--job", default="train", choices=sorted(JOBS),
@@ -361,13 +472,25 @@ def spec_from_args(argv: Sequence[str], cwd: str | None = None, python: str | No
         job=ns.job, job_args=args, output_dir=out, workdir=cwd, python=python or sys.executable, module=ns.module,
         nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, ntasks_per_node=ns.ntasks_per_node,
         partition=ns.partition, time=ns.time, account=ns.account, qos=ns.qos, constraint=ns.constraint,
-        exclude=ns.exclude, mem=ns.mem, cpus_per_task=ns.cpus_per_task, job_name=ns.job_name,
+        exclude=ns.exclude, mem=ns.mem, cpus_per_task=ns.cpus_per_task, cpus_per_node=ns.cpus_per_node,
+        job_name=ns.job_name,
         mail_user=ns.mail_user, mail_type=ns.mail_type, signal_grace=ns.signal_grace,
         max_requeues=ns.max_requeues, dry_run=ns.dry_run,
     )
     if spec.module and spec.module.endswith(".py"):
         spec.module = os.path.normpath(os.path.join(cwd, spec.module))
     return spec.validate()
+
+
+def warnings_for(spec: LaunchSpec) -> list[str]:
+    """What is allowed but likely a mistake: more data-loading workers than the task has CPUs."""
+    out = []
+    hit = _find_flag(spec.job_args, "--num_workers")
+    if hit is not None and hit[1].isdigit() and int(hit[1]) > spec.cpus:
+        out.append(f"--num_workers {hit[1]} is more than the {spec.cpus} CPU(s) per task (--cpus-per-task): the "
+                   f"workers share {spec.cpus} CPU(s) with the main process; raise --cpus-per-task or lower "
+                   "--num_workers")
+    return out
 
 
 def submit(spec: LaunchSpec, script: str) -> str:
@@ -397,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"dino-simpool-launch: error: {e}", file=sys.stderr)
         return 2
+    for w in warnings_for(spec):
+        print(f"dino-simpool-launch: warning: {w}", file=sys.stderr)
     if spec.dry_run:
         sys.stdout.write(script)
         return 0

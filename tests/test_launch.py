@@ -5,7 +5,10 @@ Regenerate the golden files after an intended change with:  UPDATE_GOLDEN=1 .ven
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -142,6 +145,44 @@ def test_unknown_launcher_option_exits_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, cpus", [
+    (["--gpus-per-node", "8"], 10),  # DINO's 10 CPUs per GPU task
+    (["--gpus-per-node", "4", "--cpus-per-node", "96"], 24),  # the node's CPUs shared by its tasks
+    (["--gpus-per-node", "8", "--cpus-per-node", "100"], 12),
+    (["--gpus-per-node", "8", "--cpus-per-node", "96", "--cpus-per-task", "6"], 6),  # given: it wins
+    (["--gpus-per-node", "0", "--ntasks-per-node", "2"], 1),
+    (["--gpus-per-node", "0", "--ntasks-per-node", "2", "--cpus-per-node", "8"], 4),
+])
+def test_cpus_per_task_default(argv, cpus):
+    text = render(argv + ["--", "--output_dir", "/o"])
+    assert [line for line in text.splitlines() if "--cpus-per-task=" in line and line.startswith("#SBATCH")] == [
+        f"#SBATCH --cpus-per-task={cpus}"]
+
+
+def test_cpus_per_node_below_the_tasks_is_refused(capsys):
+    assert L.main(["--gpus-per-node", "8", "--cpus-per-node", "4", "--", "--output_dir", "/o"]) == 2
+    assert "--cpus-per-node 4 is below the 8 task(s) per node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, warned", [
+    (["--gpus-per-node", "8", "--", "--num_workers", "12"], True),  # 12 workers on the default 10 CPUs
+    (["--gpus-per-node", "8", "--", "--num_workers", "10"], False),  # DINO's pairing: one worker per CPU
+    (["--gpus-per-node", "8", "--cpus-per-task", "4", "--", "--num_workers=5"], True),
+    (["--gpus-per-node", "0", "--", "--num_workers", "2"], True),  # CPU tasks get 1 CPU by default
+    (["--gpus-per-node", "0", "--", "--num_workers", "0"], False),
+    (["--gpus-per-node", "8", "--"], False),  # the job's own default follows its CPUs
+])
+def test_more_workers_than_cpus_is_warned(argv, warned, capsys):
+    assert L.main(["--dry-run"] + argv + ["--output_dir", "/o"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: --num_workers" in err and "CPU(s) per task" in err) == warned, err
+
+
+def test_help_names_gpus_the_shipped_torch_supports():
+    text = L.build_parser().format_help()
+    assert "volta32gb" not in text and "a100" in text and "h100" in text and "sm_70" in text
+
+
 @pytest.mark.parametrize("t", ["30", "30:00", "12:00:00", "2-00", "2-12:00", "2-00:00:00", "UNLIMITED"])
 def test_time_formats_accepted(t):
     assert f"--time={t}" in render(["--time", t, "--", "--output_dir", "/o"])
@@ -246,8 +287,9 @@ def test_script_stops_at_max_requeues(tmp_path):
     assert "requeue limit is reached (2/2)" in proc.stdout
 
 
-@pytest.mark.parametrize("rc", [0, 1, 3, 138])
+@pytest.mark.parametrize("rc", [0, 1, 3, 137, 138, 143])
 def test_script_passes_other_exit_codes_through(tmp_path, rc):
+    # 143/138 without a stop that this shell passed on: a kill from elsewhere, not a preemption
     proc, calls, count = _run_script(tmp_path, rc)
     assert proc.returncode == rc
     assert "scontrol requeue" not in calls and count is None
@@ -356,6 +398,90 @@ def test_batch_shell_passes_a_stop_on_once(tmp_path):
     assert calls.count("srun got USR1") == 1 and calls.count("tasks saved") == 1
     assert out.count("the tasks were already asked to save") == 2
     assert "the tasks saved a checkpoint (exit 75): requeue 1/20" in out
+
+
+# The tasks are still importing when the stop reaches them: no handler yet, so the signal's default action ends them
+# (srun reports 128 + the signal). After a stop that the batch shell passed on, that is a preemption.
+_STARTING_SRUN = """echo "srun $*" >> {calls}
+trap 'echo "srun got USR1" >> {calls}; exit {rc}' USR1
+touch {started}
+for i in $(seq 200); do sleep 0.05; done
+exit 0
+"""
+
+
+@pytest.mark.parametrize("sig, rc", [("TERM", 143), ("USR1", 138), ("TERM", 138)])
+def test_stop_before_the_handler_is_up_is_requeued(tmp_path, sig, rc):
+    out = tmp_path / "out"
+    spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(out)], cwd=str(tmp_path), python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_, calls, started = tmp_path / "bin", tmp_path / "calls", tmp_path / "started"
+    _fake_bin(bin_, "srun", _STARTING_SRUN.format(calls=calls, started=started, rc=rc))
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $*" >> {calls}\n'
+                                'case "$1 $2" in "show hostnames") echo node01;;\n'
+                                '"show job") echo "JobId=77 JobState=RUNNING";; esac\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 10
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert started.exists()
+    time.sleep(0.1)
+    proc.send_signal(getattr(signal, f"SIG{sig}"))
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout
+    assert "srun got USR1" in calls.read_text() and "scontrol requeue 77" in calls.read_text()
+    assert f"the tasks ended on the stop signal before they could save (exit {rc}, still starting up)" in stdout
+    assert "requeue 1/20" in stdout
+    assert (out / "slurm" / "dino-train-77.requeues").read_text().strip() == "1"
+
+
+def test_stop_that_comes_before_srun_starts_is_passed_on(tmp_path):
+    # the shell is still in `scontrol show hostnames` when the stop comes: it must reach srun once srun is started
+    out = tmp_path / "out"
+    spec = L.spec_from_args(["--gpus-per-node", "0", "--", "--output_dir", str(out)], cwd=str(tmp_path), python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_, calls, in_scontrol = tmp_path / "bin", tmp_path / "calls", tmp_path / "in_scontrol"
+    _fake_bin(bin_, "srun", _SIGNAL_SRUN.format(calls=calls, started=tmp_path / "started", save_s=0.1, steps=100))
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $*" >> {calls}\n'
+                                f'case "$1 $2" in "show hostnames") touch {in_scontrol}; sleep 1; echo node01;;\n'
+                                '"show job") echo "JobId=77 JobState=RUNNING";; esac\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 10
+    while not in_scontrol.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert in_scontrol.exists()
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout
+    assert "batch shell got SIGUSR1: srun is not started yet; the stop is passed on once it is" in stdout
+    assert "batch shell got SIGUSR1: asking the tasks to save" in stdout and "requeue 1/20" in stdout
+    # srun got the USR1 (and saved, exit 75) or died of it before its trap was up (138): requeued either way
+    assert "scontrol requeue 77" in calls.read_text()
+
+
+def test_a_stop_to_a_job_that_cannot_save_is_never_requeued(tmp_path):
+    # eval.knn: nothing is passed on, so a 143 afterwards is not a preemption of ours
+    out = tmp_path / "out"
+    spec = L.spec_from_args(["--job", "knn", "--gpus-per-node", "0", "--", "--output_dir", str(out)],
+                            cwd=str(tmp_path), python=PY)
+    script = tmp_path / "job.sbatch"
+    script.write_text(L.render_script(spec))
+    bin_, calls, started = tmp_path / "bin", tmp_path / "calls", tmp_path / "started"
+    _fake_bin(bin_, "srun", f"touch {started}; sleep 0.5; exit 143\n")
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $*" >> {calls}\ncase "$1 $2" in "show hostnames") echo node01;; esac\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node01", "SLURM_NTASKS": "1"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 10
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "scontrol requeue" not in calls.read_text(), stdout
+    assert "failed with exit code 143" in stdout
 
 
 def test_batch_shell_does_not_signal_jobs_that_cannot_save(tmp_path):
@@ -479,3 +605,258 @@ def test_harness_skips_when_slurm_missing_and_no_apt(monkeypatch):
     monkeypatch.setattr(sc.os, "geteuid", lambda: 1000)
     with pytest.raises(sc.SlurmUnavailable, match="needs root"):
         sc.ensure_installed()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hostile values (issue 11 §2): refused with one line, or written so that nothing they hold runs as shell
+
+
+def sbatch_directives(script: str) -> list[str]:
+    """The options sbatch reads from a script's #SBATCH lines, parsed as sbatch 22.05 does (src/sbatch/opt.c,
+    _opt_batch_script and _get_argument): up to the first line that is not a comment, split at whitespace, ' and "
+    group, \\ escapes the next character, an unquoted # ends the line."""
+    args: list[str] = []
+    for line in script.split("\n")[1:]:
+        if not line.startswith("#SBATCH"):
+            if line.strip() and not line.strip().startswith("#"):
+                break  # sbatch stops at the first command
+            continue
+        rest, i = line[len("#SBATCH"):], 0
+        while i < len(rest):
+            while i < len(rest) and rest[i].isspace():
+                i += 1
+            if i >= len(rest):
+                break
+            arg, quote, escape = [], None, False
+            while i < len(rest) and (quote or not rest[i].isspace()):
+                ch = rest[i]
+                i += 1
+                if escape:
+                    escape = False
+                elif ch == "\\":
+                    escape = True
+                    continue
+                elif quote:
+                    if ch == quote:
+                        quote = None
+                        continue
+                elif ch in "'\"":
+                    quote = ch
+                    continue
+                elif ch == "#":
+                    i = len(rest)
+                    break
+                arg.append(ch)
+            assert quote is None, f"sbatch: unmatched {quote} in {line!r}"
+            if arg:
+                args.append("".join(arg))
+    return args
+
+
+def slurm_filename(pattern: str, job_id: str) -> str:
+    """Slurm's filename pattern, for the two symbols the launcher writes: %j (the job id) and %% (a %)."""
+    return re.sub(r"%(.)", lambda m: {"j": job_id, "%": "%"}[m.group(1)], pattern)
+
+
+PWN = "$(touch PWNED)"  # each hostile value also tries a backtick form and a ; form
+HOSTILE_DIR = f"out dir; {PWN} `touch PWNED` 'sq' \"dq\" 100% #h {{{{SRUN}}}} -x"
+
+
+def test_sbatch_directive_parser_matches_sbatch_rules():
+    # the test's own parser, checked on the cases it has to get right
+    # (sbatch tests for whitespace before it looks at a backslash: "\ " does not keep a space; quotes do)
+    text = ("#!/bin/bash\n#SBATCH --a=1 --b='x y' \"--c=p q\" --d=e\\ f --e=\"x\\\"y #z\" --g=h#i\n# comment\n"
+            "#SBATCH --j\necho\n#SBATCH --k\n")
+    assert sbatch_directives(text) == ["--a=1", "--b=x y", "--c=p q", "--d=e", "f", '--e=x"y #z', "--g=h", "--j"]
+
+
+def test_paths_are_escaped_for_sbatch():
+    assert L.sbatch_path("--output_dir", "/plain/path%j", filename_pattern=True) == "/plain/path%%j"
+    assert L.sbatch_path("--output_dir", "/a b/'c\"#d%e", filename_pattern=True) == '"/a b/\'c\\"#d%%e"'
+    line = f"#SBATCH --output={L.sbatch_path('--output_dir', '/a b/' + chr(39) + 'c#%', filename_pattern=True)}"
+    assert sbatch_directives("#!/bin/bash\n" + line + "\n") == ["--output=/a b/'c#%%"]
+
+
+@pytest.mark.parametrize("argv, what", [
+    # a newline in every option that reaches the script
+    (["--output_dir", "/o\nrm -rf ~"], "--output_dir"),
+    (["--", "--output_dir", "/o\n#SBATCH --x"], "--output_dir"),
+    (["--partition", "gpu\ntouch PWNED"], "--partition"),
+    (["--account", "acc\ntouch PWNED"], "--account"),
+    (["--qos", "q\n"], "--qos"),
+    (["--mem", "4G\ntouch PWNED"], "--mem"),
+    (["--mail-user", "a@b.org\ntouch PWNED", "--mail-type", "END"], "--mail-user"),
+    (["--constraint", "a100\ntouch PWNED"], "--constraint"),
+    (["--exclude", "node1\ntouch PWNED"], "--exclude"),
+    (["--time", "10\ntouch PWNED"], "--time"),
+    (["--job-name", "x\ntouch PWNED"], "--job-name"),
+    (["--module", "job\n.py"], "--module"),
+    (["--", "--arch", "vit_small\ntouch PWNED"], "job argument 2 after -- (the value of --arch)"),
+    (["--", "--output_dir", "/o", "--lr", "0.1\r"], "(the value of --lr)"),
+    (["--", "--data_path", "/d\x00"], "(the value of --data_path)"),
+    (["--", "--flag\nx"], "job argument 1 after --"),
+    # what sbatch's own #SBATCH parser would read differently: spaces, quotes, backslash, '#'
+    (["--partition", "gpu touch"], "--partition"),
+    (["--account", "a'b"], "--account"),
+    (["--qos", 'q"x'], "--qos"),
+    (["--constraint", "a100#h100"], "--constraint"),
+    (["--exclude", "node\\1"], "--exclude"),
+    (["--mail-user", "a b@c.org"], "--mail-user"),
+    (["--output_dir", "/data/a\\b"], "--output_dir"),
+    (["--mem", "$(touch PWNED)"], "--mem"),
+    (["--mem", "4 G"], "--mem"),
+    (["--module", "$(touch PWNED)"], "--module"),
+    (["--module=-c"], "--module"),
+    (["--job-name", "$(touch PWNED)"], "--job-name"),
+    (["--time", "`touch PWNED`"], "--time"),
+    (["--partition", ""], "--partition is empty"),
+])
+def test_hostile_values_are_refused_with_one_line(argv, what, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))
+    assert L.main(argv if "--" in argv else argv + ["--"]) == 2
+    err = capsys.readouterr().err
+    assert what in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.rglob("*")), "a refused launch must write nothing"
+
+
+def test_a_working_directory_with_a_percent_is_refused(tmp_path, capsys, monkeypatch):
+    wd = tmp_path / "100%"
+    wd.mkdir()
+    monkeypatch.chdir(wd)
+    assert L.main(["--", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "the working directory" in capsys.readouterr().err
+
+
+# The job the fake srun starts: a real Python process. It records its argv and ends as JOB_ENDING says.
+_JOB = """import json, os, sys, time
+with open(os.environ["JOB_RECORD"], "w") as f:
+    json.dump({"argv": sys.argv, "cwd": os.getcwd()}, f)
+ending = os.environ["JOB_ENDING"]
+if ending == "raise":
+    raise RuntimeError("deliberate failure")
+if ending == "starting":  # still importing when the stop comes: Python's default SIGTERM action ends it (143)
+    open(os.environ["JOB_STARTED"], "w").close()
+    time.sleep(30)
+sys.exit({"ok": 0, "saved": 75}[ending])
+"""
+# srun: drop its own options, run the task in the background, relay a USR1 to it as SIGTERM (what reaches a task
+# whose handler is not installed yet), and exit with the task's status.
+_PASSTHROUGH_SRUN = """echo "srun started" >> {calls}
+while [ $# -gt 0 ] && [ "${{1#-}}" != "$1" ]; do shift; done
+"$@" &
+child=$!
+trap 'echo "srun got USR1" >> {calls}; trapped=1; kill -TERM "$child"' USR1
+while :; do
+    trapped=
+    wait "$child"; rc=$?
+    [ -n "$trapped" ] || exit "$rc"  # a trap ended the wait early: wait again for the task's own status
+done
+"""
+
+# (job ending, scontrol's JobState, scontrol requeue's exit status, --max-requeues, stop signal to the batch shell)
+ENDINGS = {
+    "success": ("ok", "RUNNING", 0, 2, None),
+    "preempted_requeued": ("saved", "RUNNING", 0, 2, None),
+    "requeue_fails": ("saved", "RUNNING", 1, 2, None),
+    "requeue_limit": ("saved", "RUNNING", 0, 0, None),
+    "cancelled": ("saved", "COMPLETING", 0, 2, None),
+    "traceback": ("raise", "RUNNING", 0, 2, None),
+    "stopped_while_starting": ("starting", "RUNNING", 0, 2, "TERM"),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_hostile_values_run_nothing_through_every_ending(ending, tmp_path, capsys, monkeypatch):
+    """Every option that reaches the script gets a hostile value that sbatch and bash must keep as text; the launcher
+    submits (to a fake sbatch), the script runs with fake srun/scontrol as sbatch would start it, and the job is a
+    real Python process. Nothing may run (no PWNED file), the #SBATCH options are exactly the given values, the job
+    gets its flags unchanged, and every command the script prints for the user is one that works."""
+    job_ending, state, requeue_rc, max_requeues, stop = ENDINGS[ending]
+    workdir = tmp_path / f"work dir; {PWN} 'q' \"dq\" -x"
+    workdir.mkdir()
+    pydir = tmp_path / f"py {PWN} `touch PWNED` 'q'"
+    pydir.mkdir()
+    (pydir / "python").symlink_to(sys.executable)
+    job_file = workdir / f"job {PWN} 'q' \"dq\".py"
+    job_file.write_text(_JOB)
+    out = workdir / HOSTILE_DIR
+    bin_, calls = tmp_path / "bin", tmp_path / "calls"
+    _fake_bin(bin_, "sbatch", f'printf "%s\\n" "$@" > {tmp_path}/sbatch_args; echo 4242\n')
+    _fake_bin(bin_, "srun", _PASSTHROUGH_SRUN.format(calls=calls))
+    _fake_bin(bin_, "scontrol", f'echo "scontrol $1 $2" >> {calls}\n'
+                                'case "$1 $2" in "show hostnames") echo node01;;\n'
+                                f'"show job") echo "JobId=4242 JobState={state}";;\n'
+                                f'requeue*) exit {requeue_rc};; esac\n')
+    hostile = {
+        "--partition": f"gpu;{PWN.replace(' ', '${IFS}')}", "--account": "`touch${IFS}PWNED`", "--qos": "-high",
+        "--constraint": "a100|h100&$(touch${IFS}PWNED)", "--exclude": "node[03,07]", "--mem": "4G",
+        "--mail-user": "a;$(touch${IFS}PWNED)@x.org", "--time": "10",
+    }
+    job_args = ["--arch", f"x;{PWN}", "--note", "`touch PWNED` {{SRUN}} {{OUTPUT_DIR}}", "--lr", "-1",
+                "--path", "a b", "--quote", "it's \"q\"", "--dash", "-x", "--empty", "", "--output_dir", HOSTILE_DIR]
+    argv = ["--gpus-per-node", "0", "--ntasks-per-node", "2", "--module", job_file.name, "--job-name", "my-job.1",
+            "--max-requeues", str(max_requeues), "--mail-type", "END"]
+    argv += [f"{k}={v}" for k, v in hostile.items()] + ["--", *job_args]
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "executable", str(pydir / "python"))
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    assert L.main(argv) == 0, capsys.readouterr().err
+    script = out / "slurm" / "my-job.1.sbatch"
+    assert (tmp_path / "sbatch_args").read_text().splitlines() == ["--parsable", str(script)]
+    text = script.read_text()
+
+    # what sbatch reads: every option whole, none hidden behind a broken line
+    directives = sbatch_directives(text)
+    expected = ["--job-name=my-job.1", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=4G",
+                f"--partition={hostile['--partition']}", "--time=10", f"--account={hostile['--account']}",
+                "--qos=-high", f"--constraint={hostile['--constraint']}", "--exclude=node[03,07]",
+                f"--mail-user={hostile['--mail-user']}", "--mail-type=END", "--signal=USR1@120", "--requeue",
+                "--open-mode=append", f"--output={str(out).replace('%', '%%')}/slurm/my-job.1-%j.log",
+                f"--chdir={workdir}"]
+    assert directives == expected
+
+    # run it as sbatch would: in --chdir, output to --output (%j = the job id)
+    opts = dict(d[2:].split("=", 1) for d in directives if "=" in d)
+    log_path = Path(slurm_filename(opts["output"], "4242"))
+    assert log_path == out / "slurm" / "my-job.1-4242.log"
+    record, started = tmp_path / "record.json", tmp_path / "started"
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node01",
+           "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "1", "JOB_RECORD": str(record), "JOB_ENDING": job_ending,
+           "JOB_STARTED": str(started)}
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(["bash", str(script)], cwd=opts["chdir"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        if stop:
+            deadline = time.time() + 20
+            while not started.exists() and time.time() < deadline:
+                time.sleep(0.02)
+            assert started.exists(), "the job never started"
+            proc.send_signal(getattr(signal, f"SIG{stop}"))
+        rc = proc.wait(timeout=60)
+    log_text = log_path.read_text()
+
+    assert not list(tmp_path.rglob("PWNED")), f"a hostile value ran as shell code:\n{log_text}"
+    # the job got its own flags back, unchanged, from the same interpreter path and directory
+    rec = json.loads(record.read_text())
+    assert rec["argv"] == [str(job_file), *job_args[:-1], str(out), "--backend", "gloo"]  # CPU tasks: gloo
+    assert rec["cwd"] == str(workdir)
+    assert "srun started" in calls.read_text()
+
+    requeued = "scontrol requeue" in calls.read_text()
+    count_file = out / "slurm" / "my-job.1-4242.requeues"
+    if ending == "success":
+        assert rc == 0 and "finished (exit 0)" in log_text and not requeued
+    elif ending == "traceback":
+        assert rc == 1 and "RuntimeError: deliberate failure" in log_text and not requeued
+        assert "failed with exit code 1" in log_text
+    elif ending in ("preempted_requeued", "stopped_while_starting"):
+        assert rc == 0 and requeued and count_file.read_text().strip() == "1", log_text
+        assert "requeue 1/2" in log_text
+    else:
+        assert rc == 75 and not (ending != "requeue_fails" and requeued), log_text
+        # the command printed for the user submits exactly this script
+        m = re.search(r"(?:resume with|to continue): (.*)$", log_text, re.M)
+        assert m, log_text
+        assert shlex.split(m.group(1)) == ["sbatch", str(script)]

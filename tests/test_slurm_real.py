@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -233,6 +234,25 @@ def test_requeue_limit_stops_the_job(slurm, tmp_path):
     assert int(info["Restarts"]) == 0
     assert "requeue limit is reached (0/0): stopping" in log, log
     assert (out / "state.json").exists()
+
+
+def test_hostile_output_dir_works_and_runs_nothing(slurm, tmp_path):
+    """An output dir with spaces, quotes, $(...), backticks, ';', '%', '#' and a placeholder, through the real sbatch
+    (which parses the #SBATCH lines itself and expands % in --output) and the real batch shell, on the path whose
+    message used to run it (requeue limit reached): the log lands at the literal path, the job writes there, the
+    printed resume command is the script's, and nothing ran."""
+    out = tmp_path / f"run dir; $(touch PWNED) `touch PWNED` 'sq' \"dq\" 100% #h {{{{SRUN}}}}"
+    job, _ = launch(slurm, CPU2 + ["--module", STANDIN, "--job-name", "standin", "--max-requeues", "0", "--",
+                                   "--output_dir", str(out), "--iters", "200", "--sleep", "0.1"])
+    wait_for_log(out, "standin", job, r"^0: rank 0 iteration 2 ", slurm, timeout=180)
+    slurm.run(["scancel", "--signal=USR1", "--full", job])
+    info = slurm.wait_job(job, timeout=180)
+    log = slurm_log(out, "standin", job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", (info, log)
+    assert (out / "state.json").exists()
+    m = re.search(r"requeue limit is reached \(0/0\): stopping; resume with: (.*)$", log, re.M)
+    assert m and shlex.split(m.group(1)) == ["sbatch", str(out / "slurm" / "standin.sbatch")], log
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists(), log
 
 
 def test_sbatch_refusal_is_reported(slurm, tmp_path):
