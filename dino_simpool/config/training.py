@@ -116,6 +116,10 @@ class TrainConfig:
         default_text="fp32 on CPU, bf16 on CUDA, under both presets: DINO's --use_fp16 True default is not followed, "
         "as bf16 has fp16's speed on GPUs without its overflows and fp16 on a CPU is several times slower than fp32; "
         "pass --use_fp16 True for DINO's fp16")
+    compile: bool = optim(False, "torch.compile the student's and teacher's backbone and head (True/False); the first "
+                          "steps then take longer (compilation), the state dict keys stay the same", affects_result=False,
+                          default_text="False: off on CPU, where it was slower for these small steps, and not yet "
+                          "measured on a GPU (benchmarks/train_step.py)")
     weight_decay: float = optim(1e-6, "initial weight decay", dino=0.04, embedded=0.04, check=non_negative)
     weight_decay_end: float = optim(1e-6, "final weight decay (cosine)", dino=0.4, embedded=0.1, check=non_negative)
     clip_grad: float = optim(0.0, "max gradient norm, 0 = off", dino=3.0, embedded=3.0, check=non_negative)

@@ -33,7 +33,7 @@ from dino_simpool.checkpoint import Checkpointer, CheckpointError, describe_key_
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
-from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, place, unwrap
+from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, optimizer_options, place, unwrap
 from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, get_rng_state, rng_isolated,
                                            seed_all, seed_step, set_rng_state)
 from dino_simpool.dino.loss import DINOLoss
@@ -139,8 +139,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
             report = init_from_pretrained(student, teacher, cfg.pretrained_weights, cfg.checkpoint_key)
             log.info(f"backbone initialised from {cfg.pretrained_weights} ({report.get('format')}, "
                      f"key {report.get('checkpoint_key')}, {report.get('loaded')} tensors)")
-        student, teacher, student_fwd, sync_buffers = place(student, teacher, device)
-        optimizer = build_optimizer(cfg.optimizer, param_groups(student))
+        student, teacher, student_fwd, sync_buffers = place(student, teacher, device, compile=cfg.compile)
+        optimizer = build_optimizer(cfg.optimizer, param_groups(student), **optimizer_options(cfg.optimizer, device))
         dino_loss = DINOLoss(cfg.out_dim, cfg.ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                              cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
         step = DINOStep(student, student_fwd, teacher, dino_loss, optimizer,
