@@ -16,6 +16,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not match what was asked for."""
 
 
+CHECKPOINT_NAME = "checkpoint.pth"  # what training and the linear probe write in their --output_dir (and resume from)
+
+
+def strip_module_prefix(name: str) -> str:
+    """A state-dict key without DDP's ``module.`` prefixes (``module.backbone.x`` -> ``backbone.x``)."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 

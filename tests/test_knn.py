@@ -1,4 +1,4 @@
-"""k-NN search and vote (eval/knn.py): backends agree with a float64 hand-written vote, hand-worked cases, CLI errors."""
+"""k-NN search and vote (dino_simpool/evaluation/knn.py), the dino-simpool-knn command (eval/knn.py): backends agree with a float64 hand-written vote, hand-worked cases, CLI errors."""
 import json
 import math
 import warnings
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from dino_simpool.evaluation.knn import knn_classify
 from eval.features import save_features
-from eval.knn import knn_classify, main, remap_val_labels
+from eval.knn import main, remap_val_labels
 
 
 def ref_vote(train, train_labels, test, test_labels, ks, T, num_classes):
@@ -59,7 +60,7 @@ def test_backends_match_float64_reference(num_classes, T):
 
 
 def test_prenormalised_bank_zero_copy_path_agrees():
-    from eval.knn import _FaissSearcher
+    from dino_simpool.evaluation.knn import _FaissSearcher
     g = torch.Generator().manual_seed(2)
     raw, test = torch.randn(200, 16, generator=g) * 2, torch.randn(20, 16, generator=g)
     tl, sl = torch.randint(0, 6, (200,), generator=g), torch.randint(0, 6, (20,), generator=g)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dino_simpool import distributed as D
-from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
 from dino_simpool.dino.config import TrainConfig
@@ -47,12 +47,12 @@ from dino_simpool.dino.loss import DINOLoss
 from dino_simpool.dino.optim import (apply_schedules, build_optimizer, cancel_gradients_last_layer, clip_gradients,
                                      ema_update, param_groups)
 from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr
+from dino_simpool.evaluation.knn import knn_accuracy
 from dino_simpool.logs import Logger, Progress, format_seconds
 from dino_simpool.models.backbones import build_backbone
 from dino_simpool.signals import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag,
                                   ignore_stop_signals_in_worker)
 
-CHECKPOINT_NAME = "checkpoint.pth"
 CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "iter_in_epoch", "config")
 
 
@@ -156,27 +156,9 @@ def _env_int(name: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------- k-NN
 def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device) -> dict[str, Any]:
     """k-NN top-1/top-5 of the teacher backbone on val (train bank); every rank takes part in the extraction."""
-    from eval.features import extract_features
-    from eval.knn import knn_classify
-
-    train_ds, val_ds = datasets
-    backbone = unwrap(teacher).backbone  # works for DDP-wrapped and plain teachers alike
-    was_training = backbone.training
-    try:
-        bs = max(cfg.batch_size_per_gpu, 64)
-        tf, tl = extract_features(backbone, train_ds, batch_size=bs, num_workers=cfg.num_workers, device=device,
-                                  desc="k-NN train")
-        vf, vl = extract_features(backbone, val_ds, batch_size=bs, num_workers=cfg.num_workers, device=device,
-                                  desc="k-NN val")
-    finally:
-        backbone.train(was_training)
-    out: dict[str, Any] = {}
-    if D.is_main_process():
-        ncls = len(getattr(train_ds, "classes", [])) or None
-        res = knn_classify(tf, tl, vf, vl, ks=tuple(cfg.nb_knn), T=cfg.temperature, num_classes=ncls)
-        out = {str(k): {"top1": float(v[0]), "top5": float(v[1])} for k, v in res.items()}
-    D.barrier()
-    return out
+    res = knn_accuracy(unwrap(teacher).backbone, *datasets, ks=tuple(cfg.nb_knn), T=cfg.temperature,
+                       batch_size=max(cfg.batch_size_per_gpu, 64), num_workers=cfg.num_workers, device=device)
+    return {str(k): {"top1": float(v[0]), "top5": float(v[1])} for k, v in res.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoint

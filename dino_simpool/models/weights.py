@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from dino_simpool.checkpoint import CheckpointError, load_checkpoint
+from dino_simpool.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from dino_simpool.models.backbones import VIT_ARCHS, Backbone, build_backbone
 
 WEIGHT_FILES = ("model.safetensors", "backbone.safetensors", "backbone.pth", "model.pth", "checkpoint.pth")
@@ -100,15 +100,18 @@ def _select_state_dict(obj: Any, checkpoint_key: str | None) -> tuple[dict[str, 
 def _strip_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Strip DDP's ``module.`` and the multi-crop wrapper's ``backbone.`` (keeping only backbone keys)."""
     stripped: list[str] = []
-    while sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-        stripped.append("module.")
+
+    def strip_ddp(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if sd and all(k.startswith("module.") for k in sd):  # every key wrapped: DDP's, not a layer named module
+            sd = {strip_module_prefix(k): v for k, v in sd.items()}
+            stripped.append("module.")
+        return sd
+
+    sd = strip_ddp(sd)
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         stripped.append("backbone.")
-        while sd and all(k.startswith("module.") for k in sd):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
-            stripped.append("module.")
+        sd = strip_ddp(sd)
     return sd, stripped
 
 
