@@ -21,8 +21,7 @@ from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE
 
 from . import locdata
 from .boxes import box_iou, check_gt_boxes, largest_component_box
-from .maps import MAP_CHOICES, add_size_args, attention_map, patch_features, resolve_map_kind
-from .model_args import add_model_args
+from .maps import MAP_CHOICES, attention_map, patch_features, resolve_map_kind
 
 
 def _scale_box(box, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -89,6 +88,7 @@ def corloc(pred_boxes, gt_boxes, iou_threshold: float = 0.5) -> float:
 # command line: python -m eval.discovery
 # ----------------------------------------------------------------------------------------------------------------------
 METHODS = ("attention", "lost")
+RESULTS_FILE = "discovery_results.json"
 
 
 def predict_boxes(model, samples, method: str = "attention", image_size=None, batch_size: int = 32,
@@ -121,7 +121,7 @@ def build_parser() -> OneLineErrorParser:
     p = OneLineErrorParser("python -m eval.discovery",
                                 description="Single-object discovery, CorLoc (LOST protocol) with attention or LOST "
                                             "boxes. Default data: the embedded dataset's val split and its boxes.")
-    add_model_args(p, device=True)
+    locdata.add_box_evaluator_args(p, RESULTS_FILE)
     p.add_argument("--method", default="attention", choices=list(METHODS))
     p.add_argument("--data_path", default=None,
                    help="VOC-style folder (Annotations/*.xml + JPEGImages/), or an image folder with --boxes/--annotations")
@@ -130,15 +130,9 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--image_set", default="trainval",
                    help="VOC: evaluate the ids of ImageSets/Main/<image_set>.txt (LOST: trainval) when the folder has "
                         "it; 'all' = every annotation")
-    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    add_size_args(p)
     p.add_argument("--threshold", default=0.6, type=float, help="attention: cumulative mass kept (DINO's 0.6)")
     p.add_argument("--k_patches", default=100, type=int, help="LOST: candidate patches for the seed expansion")
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES), help="attention: which map (see eval.localization)")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
-    p.add_argument("--output_dir", default=None, help="write discovery_results.json here")
     return p
 
 
@@ -174,7 +168,7 @@ def main(argv=None) -> int:
                 f"[{res['arch']}/{res['pooling']}, {res['data']}]")
 
     return locdata.run_box_evaluator("eval.discovery", args, check, load_samples, evaluate, summary,
-                                     "discovery_results.json")
+                                     RESULTS_FILE)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE
 
 from . import locdata
 from .boxes import box_iou, check_gt_boxes, mask_boxes
-from .maps import MAP_CHOICES, add_size_args, attention_map, resolve_map_kind
-from .model_args import add_model_args
+from .maps import MAP_CHOICES, attention_map, resolve_map_kind
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0, 0.01), 2).tolist())
 DEFAULT_IOUS = (0.3, 0.5, 0.7)
+RESULTS_FILE = "localization_results.json"
 
 
 def upsample_map(attn, size: tuple[int, int]) -> np.ndarray:
@@ -147,20 +147,14 @@ def build_parser() -> OneLineErrorParser:
     p = OneLineErrorParser("python -m eval.localization",
                                 description="MaxBoxAccV2 (Choe et al., CVPR 2020) of a backbone's attention maps. "
                                             "Default data: the embedded dataset's val split and its boxes.")
-    add_model_args(p, device=True)
+    locdata.add_box_evaluator_args(p, RESULTS_FILE)
     p.add_argument("--data_path", default=None, help="image folder (an ImageFolder split or CUB's images/)")
     p.add_argument("--boxes", default=None, help="boxes file: JSON {relpath: [[x0,y0,x1,y1]...]} or CUB bounding_boxes.txt")
     p.add_argument("--boxes_format", default="auto", choices=["auto", "json", "cub"], help="auto: by suffix (.json / .txt)")
     p.add_argument("--images_txt", default=None, help="CUB images.txt (default: beside the boxes file)")
-    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    add_size_args(p)
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES),
                    help="auto: the pooling's map (SimPool), or the last block's [CLS] attention head mean (cls)")
     p.add_argument("--threshold_step", default=0.01, type=float, help="spacing of the map thresholds in [0, 1)")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
-    p.add_argument("--output_dir", default=None, help="write localization_results.json here")
     return p
 
 
@@ -195,7 +189,7 @@ def main(argv=None) -> int:
                               max_size=args.max_size)
 
     return locdata.run_box_evaluator("eval.localization", args, check, load_samples, evaluate, format_result,
-                                     "localization_results.json")
+                                     RESULTS_FILE)
 
 
 if __name__ == "__main__":

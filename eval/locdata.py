@@ -34,8 +34,8 @@ from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, input_multiple, mod
 from dino_simpool.models.backbones import Backbone
 
 from .boxes import check_gt_boxes, load_boxes_cub, load_boxes_json, load_boxes_voc
-from .maps import IMG_SUFFIXES, check_size_args
-from .model_args import build_model, resolve_device
+from .maps import IMG_SUFFIXES, add_size_args, check_size_args
+from .model_args import add_model_args, build_model, resolve_device
 
 
 @dataclass
@@ -174,6 +174,18 @@ def iterate(model, samples: list[BoxSample], image_size: int | None = None, batc
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
+
+
+def add_box_evaluator_args(p: argparse.ArgumentParser, results_file: str) -> None:
+    """The flags that MaxBoxAccV2 and CorLoc share (:func:`run_box_evaluator` reads them): the model, the embedded
+    dataset, the input size, the batch, a subset and where ``results_file`` goes."""
+    add_model_args(p, device=True)
+    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
+    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
+    add_size_args(p)
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
+    p.add_argument("--output_dir", default=None, help=f"write {results_file} here")
 
 
 def run_box_evaluator(prog: str, args: argparse.Namespace, check: Callable[[], None],
