@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from dino_simpool.checkpoint import CheckpointError
-from dino_simpool.cli import OneLineErrorParser
+from dino_simpool.cli import OneLineErrorParser, print_error
 from dino_simpool.data import DataError
 from dino_simpool.evaluation.attention import embedded_examples, save_attention_pngs, stack_pictures
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         if args.combined:
             paths.append(stack_pictures(paths, args.combined))
     except (CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"dino-simpool-attention: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error("dino-simpool-attention", e)
         return 2
     for p in paths:
         print(p)

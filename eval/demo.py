@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from dino_simpool.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from dino_simpool.cli import OneLineErrorParser
+from dino_simpool.cli import OneLineErrorParser, print_error
 from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.config import EMBEDDED_DEFAULTS, parse_config
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(targv)
         out = prepare_demo_dir(a.output_dir, keep=a.keep, force=a.force)
     except ValueError as e:
-        print(f"dino-simpool demo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error("dino-simpool demo", e)
         return 2
     t0 = time.perf_counter()
     print("[demo] pretraining a tiny SimPool ViT with DINO on the embedded dataset (CPU). Same as:")

@@ -11,7 +11,7 @@ import json
 import sys
 
 from dino_simpool.checkpoint import CheckpointError
-from dino_simpool.cli import OneLineErrorParser
+from dino_simpool.cli import OneLineErrorParser, print_error
 from dino_simpool.export import export_checkpoint
 
 from .model_args import add_model_args, model_overrides
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
         meta = export_checkpoint(args.pretrained_weights, args.output_dir, checkpoint_key=args.checkpoint_key,
                                  **overrides)
     except (CheckpointError, ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"dino-simpool-export: error: {msg}", file=sys.stderr)
+        print_error("dino-simpool-export", e)
         return 2
     spec = meta["timm"]
     kw = "".join(f", {k}={v!r}" for k, v in spec["kwargs"].items())

@@ -16,7 +16,7 @@ import torch
 
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CheckpointError
-from dino_simpool.cli import OneLineErrorParser, bool_flag
+from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
 from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.evaluation.features import extract_features
@@ -200,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_args(args)
         run(args)
     except (ValueError, CheckpointError, FileNotFoundError) as e:  # DataError is a ValueError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dino-simpool-knn: error: {msg}", file=sys.stderr)
+        print_error("dino-simpool-knn", e)  # all of it: a key mismatch lists the missing, unexpected, mis-shaped keys
         return 2
     return 0
 

@@ -30,7 +30,7 @@ from torchvision import transforms as T
 
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
-from dino_simpool.cli import OneLineErrorParser, bool_flag
+from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
 from dino_simpool.data import build_dataset
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
@@ -536,10 +536,10 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (ValueError, CheckpointError) as e:
-        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print_error("dino-simpool-linear", e)
         return 2
     except FloatingPointError as e:  # same code as training's non-finite loss
-        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print_error("dino-simpool-linear", e)
         return 3
     finally:
         D.cleanup()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from dino_simpool.checkpoint import CheckpointError
+from dino_simpool.cli import print_error
 from dino_simpool.data import DataError, SyntheticShapes
 from dino_simpool.evaluation.features import model_device
 from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, input_multiple, model_input_size, to_tensor
@@ -201,7 +201,7 @@ def run_box_evaluator(prog: str, args: argparse.Namespace, check: Callable[[], N
         model = build_model(args, resolve_device(args.device))
         res = evaluate(model, samples)
     except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error(prog, e)
         return 2
     res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)",
                model=args.pretrained_weights or "random init", arch=model.config["arch"],

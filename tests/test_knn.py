@@ -259,6 +259,18 @@ def test_cli_checkpoint_arch_mismatch_exit_2(tmp_path, capsys):
     assert "error" in err and "Traceback" not in err
 
 
+def test_cli_key_mismatch_lists_missing_unexpected_and_mis_shaped_keys(tmp_path, capsys):
+    """As training and export do: the whole report on one line, not only its first line."""
+    ckpt = _tiny_checkpoint(tmp_path)  # vit_tiny, depth 1, patch 8
+    rc = main(["--pretrained_weights", str(ckpt), "--depth", "2", "--patch_size", "4", "--output_dir", str(tmp_path),
+               "--num_workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "missing keys" in err and "encoder.blocks.1.attn.qkv.weight" in err
+    assert "unexpected keys (0)" in err
+    assert "shape mismatches" in err and "encoder.patch_embed.proj.weight: checkpoint (32, 3, 8, 8)" in err
+
+
 def _tiny_checkpoint(tmp_path):
     models = pytest.importorskip("dino_simpool.models")
     if not hasattr(models, "build_backbone"):
