@@ -91,7 +91,21 @@ def extract_features(
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
                         persistent_workers=False)
 
-    bar = tqdm(total=len(loader), desc=desc or "features", unit="batch", disable=rank != 0, dynamic_ncols=True,
+    try:
+        feats, labels, idx = _embed(model, loader, device, desc, show=rank == 0)
+    finally:
+        model.train(was_training)
+    if not D.is_dist():
+        order = torch.argsort(idx)
+        return _drop_unreadable(feats[order].contiguous(), labels[order].contiguous(), desc)
+    feats, labels = _gather_in_dataset_order(feats, labels, idx, n, gather_chunk)
+    return _drop_unreadable(feats, labels, desc)
+
+
+def _embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, desc: str, show: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's ``(feats, labels, dataset indices)``, in loader order."""
+    bar = tqdm(total=len(loader), desc=desc or "features", unit="batch", disable=not show, dynamic_ncols=True,
                mininterval=1.0)
     feats, labels, idxs = [], [], []
     try:
@@ -107,15 +121,16 @@ def extract_features(
             bar.update(1)
     finally:
         bar.close()
-        model.train(was_training)
-    feats_l = torch.cat(feats) if feats else torch.empty(0, 0)
-    labels_l = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    idx_l = torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.long)
+    return (torch.cat(feats) if feats else torch.empty(0, 0),
+            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+            torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.long))
 
-    if not D.is_dist():
-        order = torch.argsort(idx_l)
-        return _drop_unreadable(feats_l[order].contiguous(), labels_l[order].contiguous(), desc)
 
+def _gather_in_dataset_order(feats_l: torch.Tensor, labels_l: torch.Tensor, idx_l: torch.Tensor, n: int,
+                             gather_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows, gathered onto every rank as ``(feats (n, d), labels (n,))`` in dataset order, one row per
+    index (the sampler's padding dropped); the features travel ``gather_chunk`` rows per rank at a time."""
+    world = D.get_world_size()
     # Every rank ran ceil(n / world) samples (DistributedSampler pads), so all shapes match for all_gather.
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     d = torch.tensor([feats_l.shape[1]], dtype=torch.long)
@@ -146,7 +161,7 @@ def extract_features(
         pos = pos.reshape(-1)
         k = keep[pos]
         out_feats[all_idx[pos][k]] = part[k]
-    return _drop_unreadable(out_feats, out_labels, desc)
+    return out_feats, out_labels
 
 
 def _drop_unreadable(feats: torch.Tensor, labels: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -232,6 +232,23 @@ def vote(sims: torch.Tensor, nbr_labels: torch.Tensor, ks: Sequence[int], T: flo
     return out
 
 
+def _searcher(train_feats: torch.Tensor, backend: str, kmax: int, use_gpu: bool | None, fp16_bank: bool,
+              add_chunk: int, device: torch.device | str | None, query_chunk: int | None):
+    """The search backend over the bank, and the number of queries it takes per call (see :func:`knn_classify`)."""
+    if backend == "faiss":
+        gpu_ok = faiss_gpu_available()
+        if use_gpu and not gpu_ok:
+            raise ValueError("use_gpu=True but faiss has no GPU support here (or no CUDA GPU is visible); install a GPU "
+                             "faiss build (pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12) or use the CPU index")
+        gpu = gpu_ok if use_gpu is None else bool(use_gpu)
+        if gpu and kmax > GPU_MAX_K:
+            warnings.warn(f"max k={kmax} exceeds faiss GPU's limit of {GPU_MAX_K}; searching on the CPU index", stacklevel=3)
+            gpu = False
+        return _FaissSearcher(train_feats, use_gpu=gpu, fp16_bank=fp16_bank, add_chunk=add_chunk), query_chunk or 8192
+    dev = torch.device(device) if device is not None else train_feats.device
+    return _TorchSearcher(train_feats, dev), query_chunk or max(1, (1 << 26) // train_feats.shape[0])
+
+
 def knn_classify(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -282,22 +299,7 @@ def knn_classify(
                           f"(reported under k={k})", stacklevel=2)
     kmax = min(max(ks), n_bank)
 
-    if backend == "faiss":
-        gpu_ok = faiss_gpu_available()
-        if use_gpu and not gpu_ok:
-            raise ValueError("use_gpu=True but faiss has no GPU support here (or no CUDA GPU is visible); install a GPU "
-                             "faiss build (pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12) or use the CPU index")
-        gpu = gpu_ok if use_gpu is None else bool(use_gpu)
-        if gpu and kmax > GPU_MAX_K:
-            warnings.warn(f"max k={kmax} exceeds faiss GPU's limit of {GPU_MAX_K}; searching on the CPU index", stacklevel=2)
-            gpu = False
-        searcher = _FaissSearcher(train_feats, use_gpu=gpu, fp16_bank=fp16_bank, add_chunk=add_chunk)
-        chunk = query_chunk or 8192
-    else:
-        dev = torch.device(device) if device is not None else train_feats.device
-        searcher = _TorchSearcher(train_feats, dev)
-        chunk = query_chunk or max(1, (1 << 26) // n_bank)
-
+    searcher, chunk = _searcher(train_feats, backend, kmax, use_gpu, fp16_bank, add_chunk, device, query_chunk)
     labels_dev = train_labels
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
