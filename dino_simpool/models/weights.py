@@ -41,6 +41,7 @@ import torch
 
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from dino_simpool.models.backbones import VIT_ARCHS, Backbone, build_backbone
+from dino_simpool.models.options import parse_gamma
 
 WEIGHT_FILES = ("model.safetensors", "backbone.safetensors", "backbone.pth", "model.pth", "checkpoint.pth")
 STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
@@ -384,9 +385,7 @@ def _official_gamma(obj: Any, cfg: dict[str, Any], checkpoint_key: str | None) -
         args = vars(args)
     if not isinstance(args, dict) or "gamma" not in args:
         return None
-    gamma = args["gamma"]
-    if isinstance(gamma, str) and gamma.strip().lower() == "none":
-        gamma = None
+    gamma = parse_gamma(args["gamma"])  # the official flag's float, None or "None"
     if "patch_size" in cfg:  # a ViT
         if cfg.get("gamma", "default") is None or checkpoint_key != "student" or gamma is None:
             return None
