@@ -34,7 +34,7 @@ case "$cmd" in
   setup) setup ;;
   demo)
     setup
-    exec "$VENV/bin/python" -m dino_simpool.demo "$@"
+    exec "$VENV/bin/python" -m eval.demo "$@"
     ;;
   test)
     setup

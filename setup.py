@@ -12,8 +12,12 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dino_simpool", "dino_simpool.*", "eval", "eval.*", "launch", "launch.*"]),
-    package_data={"launch": ["recipes/*.yaml", "templates/*"]},
+    # The repository's top-level eval/ and launch/ install as dino_simpool.eval and dino_simpool.launch, so that no
+    # top-level "eval" or "launch" package lands in site-packages (both names collide with other installs). From the
+    # repository root, `python -m eval.knn` keeps working: eval/ and launch/ import each other's modules relatively.
+    packages=[*find_packages(include=["dino_simpool", "dino_simpool.*"]), "dino_simpool.eval", "dino_simpool.launch"],
+    package_dir={"dino_simpool.eval": "eval", "dino_simpool.launch": "launch"},
+    package_data={"dino_simpool.launch": ["recipes/*.yaml", "templates/*"]},
     install_requires=[
         # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
@@ -35,11 +39,11 @@ setup(
     entry_points={
         "console_scripts": [
             "dino-simpool-train=dino_simpool.train:main",
-            "dino-simpool-knn=eval.knn:main",
-            "dino-simpool-linear=eval.linear:main",
-            "dino-simpool-launch=launch.slurm:main",
-            "dino-simpool-export=eval.export:main",
-            "dino-simpool-attention=eval.attention:main",
+            "dino-simpool-knn=dino_simpool.eval.knn:main",
+            "dino-simpool-linear=dino_simpool.eval.linear:main",
+            "dino-simpool-launch=dino_simpool.launch.slurm:main",
+            "dino-simpool-export=dino_simpool.eval.export:main",
+            "dino-simpool-attention=dino_simpool.eval.attention:main",
         ],
     },
 )

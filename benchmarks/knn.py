@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.knn import knn_classify  # noqa: E402
+from dino_simpool.evaluation.knn import knn_classify  # noqa: E402
 
 MB = 2 ** 20
 

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_simpool.data import build_dataset  # noqa: E402
-from dino_simpool.demo import demo_argv  # noqa: E402
+from eval.demo import demo_argv  # noqa: E402
 from dino_simpool.dino.augment import MultiCropAugmentation  # noqa: E402
 from dino_simpool.config import parse_config  # noqa: E402
 from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all  # noqa: E402

@@ -21,12 +21,19 @@ import torch
 
 from dino_simpool import distributed as D
 
-CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_NAME = "checkpoint.pth"  # what training and the linear probe write in their --output_dir (and resume from)
 _MAX_LISTED = 25
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not match what was asked for."""
+
+
+def strip_module_prefix(name: str) -> str:
+    """A state-dict key without DDP's ``module.`` prefixes (``module.backbone.x`` -> ``backbone.x``)."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
 
 
 class CheckpointWriteError(CheckpointError):

@@ -1,8 +1,10 @@
-"""What every command line shares: the one-line-error parser, DINO's boolean flag, and the CPUs this task may use."""
+"""What every command line shares: the one-line-error parser and error line, DINO's boolean flag, and the CPUs this
+task may use."""
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 
@@ -11,6 +13,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """``prog: error: <message>`` on stderr, on one line: a multi-line message (a checkpoint's missing, unexpected and
+    mis-shaped keys) keeps all its parts, joined by spaces."""
+    msg = " ".join(str(error).split()) or type(error).__name__
+    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
 
 
 def bool_flag(s: Any) -> bool:

@@ -9,28 +9,19 @@ multiple of the patch (LOST pads) and boxes are scaled back by the image/grid ra
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from scipy import ndimage
 
+from dino_simpool.cli import OneLineErrorParser
+from dino_simpool.evaluation.attention import cumulative_mass_mask
+from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE
+
+from . import locdata
 from .boxes import box_iou, check_gt_boxes, largest_component_box
-from .maps import DEFAULT_MAX_SIZE
-
-
-def cumulative_mass_mask(attn, mass: float = 0.6) -> np.ndarray:
-    """DINO's threshold: keep the highest-valued locations that together hold ``mass`` of the map's total."""
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass/threshold must be in (0, 1]; got {mass}")
-    a = np.clip(np.asarray(attn, dtype=np.float64), 0.0, None)
-    flat = a.ravel()
-    total = flat.sum()
-    if total <= 0:
-        return np.ones_like(a, dtype=bool)
-    order = np.argsort(flat, kind="stable")  # ascending
-    cum = np.cumsum(flat[order]) / total
-    keep = np.zeros(flat.shape, dtype=bool)
-    keep[order] = cum > (1.0 - mass)
-    return keep.reshape(a.shape)
+from .maps import MAP_CHOICES, attention_map, patch_features, resolve_map_kind
 
 
 def _scale_box(box, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -97,6 +88,7 @@ def corloc(pred_boxes, gt_boxes, iou_threshold: float = 0.5) -> float:
 # command line: python -m eval.discovery
 # ----------------------------------------------------------------------------------------------------------------------
 METHODS = ("attention", "lost")
+RESULTS_FILE = "discovery_results.json"
 
 
 def predict_boxes(model, samples, method: str = "attention", image_size=None, batch_size: int = 32,
@@ -104,21 +96,18 @@ def predict_boxes(model, samples, method: str = "attention", image_size=None, ba
                   max_size: int | None = DEFAULT_MAX_SIZE) -> list:
     """One box per sample (in its original image's pixels): ``attention`` = largest connected component of the
     cumulative-mass-thresholded map; ``lost`` = LOST on the last block's patch keys (ViT) / last map (CNN)."""
-    from eval.locdata import as_numpy, iterate
-    from eval.maps import attention_map, patch_features, resolve_map_kind
-
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}; got {method!r}")
     if method == "attention":
         map_kind = resolve_map_kind(model, map_kind)
     boxes = []
-    for x, meta in iterate(model, samples, image_size, batch_size, max_size):
+    for x, meta in locdata.iterate(model, samples, image_size, batch_size, max_size):
         if method == "attention":
-            maps = as_numpy(attention_map(model, x, map_kind))
+            maps = locdata.as_numpy(attention_map(model, x, map_kind))
             boxes += [attention_box(m, size, mass) for m, (_, size) in zip(maps, meta)]
         else:
             feats, grid = patch_features(model, x)
-            feats = as_numpy(feats)
+            feats = locdata.as_numpy(feats)
             boxes += [lost_box(f, grid, size, k_patches)[0] for f, (_, size) in zip(feats, meta)]
     return boxes
 
@@ -128,15 +117,11 @@ def evaluate_model(model, samples, method: str = "attention", **kw) -> dict:
     return {"corloc": corloc(pred, [s.boxes for s in samples]), "method": method, "num_images": len(samples)}
 
 
-def build_parser():
-    import argparse
-
-    from eval.maps import MAP_CHOICES, add_model_args, add_size_args
-
-    p = argparse.ArgumentParser("python -m eval.discovery",
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser("python -m eval.discovery",
                                 description="Single-object discovery, CorLoc (LOST protocol) with attention or LOST "
                                             "boxes. Default data: the embedded dataset's val split and its boxes.")
-    add_model_args(p)
+    locdata.add_box_evaluator_args(p, RESULTS_FILE)
     p.add_argument("--method", default="attention", choices=list(METHODS))
     p.add_argument("--data_path", default=None,
                    help="VOC-style folder (Annotations/*.xml + JPEGImages/), or an image folder with --boxes/--annotations")
@@ -145,21 +130,13 @@ def build_parser():
     p.add_argument("--image_set", default="trainval",
                    help="VOC: evaluate the ids of ImageSets/Main/<image_set>.txt (LOST: trainval) when the folder has "
                         "it; 'all' = every annotation")
-    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    add_size_args(p)
     p.add_argument("--threshold", default=0.6, type=float, help="attention: cumulative mass kept (DINO's 0.6)")
     p.add_argument("--k_patches", default=100, type=int, help="LOST: candidate patches for the seed expansion")
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES), help="attention: which map (see eval.localization)")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
-    p.add_argument("--output_dir", default=None, help="write discovery_results.json here")
     return p
 
 
 def load_samples(args) -> list:
-    from eval import locdata
-
     if args.data_path is None:
         if args.boxes or args.annotations:
             raise ValueError("--boxes/--annotations need --data_path (the images they refer to)")
@@ -173,39 +150,26 @@ def load_samples(args) -> list:
 
 
 def main(argv=None) -> int:
-    import json
-    import sys
-    from pathlib import Path
-
-    from dino_simpool.checkpoint import CheckpointError
-    from eval.maps import build_model, check_size_args
-
     args = build_parser().parse_args(argv)
-    try:
-        check_size_args(args)
+
+    def check() -> None:
         if not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {args.threshold}")
         if args.k_patches < 1:
             raise ValueError(f"--k_patches must be >= 1; got {args.k_patches}")
-        samples = load_samples(args)
-        model = build_model(args)
-        res = evaluate_model(model, samples, args.method, image_size=args.image_size, batch_size=args.batch_size,
-                             mass=args.threshold, k_patches=args.k_patches, map_kind=args.map, max_size=args.max_size)
-    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
-        print(f"eval.discovery: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)", model=args.pretrained_weights or "random init",
-               arch=model.config["arch"], pooling=model.config["pooling"])
-    print(f"CorLoc ({args.method}) {res['corloc']:.2f} on {res['num_images']} images "
-          f"[{res['arch']}/{res['pooling']}, {res['data']}]")
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "discovery_results.json").write_text(json.dumps(res, indent=2) + "\n")
-    return 0
+
+    def evaluate(model, samples) -> dict:
+        return evaluate_model(model, samples, args.method, image_size=args.image_size, batch_size=args.batch_size,
+                              mass=args.threshold, k_patches=args.k_patches, map_kind=args.map,
+                              max_size=args.max_size)
+
+    def summary(res: dict) -> str:
+        return (f"CorLoc ({args.method}) {res['corloc']:.2f} on {res['num_images']} images "
+                f"[{res['arch']}/{res['pooling']}, {res['data']}]")
+
+    return locdata.run_box_evaluator("eval.discovery", args, check, load_samples, evaluate, summary,
+                                     RESULTS_FILE)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

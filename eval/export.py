@@ -7,34 +7,26 @@ See :mod:`dino_simpool.export` for the key layouts and the timm correspondence.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from dino_simpool.models.options import parse_gamma as float_or_none
+from dino_simpool.checkpoint import CheckpointError
+from dino_simpool.cli import OneLineErrorParser, print_error
+from dino_simpool.export import export_checkpoint
+
+from .model_args import add_model_args, model_overrides
 
 
-_UNSET = object()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser(
         "dino-simpool-export",
         description="Export the teacher (or student) backbone of a training checkpoint: backbone.safetensors, "
                     "backbone.pth and config.json. cls/gap backbones use timm's key names.",
     )
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pth) or its output folder")
+    add_model_args(p, weights_required=True)
     p.add_argument("--output_dir", required=True, help="folder to write the export into")
-    p.add_argument("--key", "--checkpoint_key", dest="key", default="teacher",
-                   help="which network of the checkpoint: teacher (default) or student")
-    p.add_argument("--arch", default=None, help="override the arch stored in the checkpoint (foreign checkpoints)")
-    p.add_argument("--pooling", default=None, help="override the pooling stored in the checkpoint")
-    p.add_argument("--gamma", default=_UNSET, type=float_or_none, help="override SimPool's gamma")
-    p.add_argument("--patch_size", default=None, type=int)
-    p.add_argument("--depth", default=None, type=int)
-    p.add_argument("--embed_dim", default=None, type=int)
-    p.add_argument("--num_heads", default=None, type=int)
-    p.add_argument("--img_size", default=None, type=int)
+    p.add_argument("--img_size", default=None, type=int,
+                   help="ViT: the position-embedding grid to store (default: the checkpoint's)")
     p.add_argument("--layout", default="auto", choices=("auto", "official"),
                    help="key names: auto (timm's for cls/gap, this project's encoder.*/pool.* otherwise) or official "
                         "(the official DINO/SimPool names, for their eval_knn.py/eval_linear.py: ViT cls/simpool, "
@@ -44,23 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dino_simpool.checkpoint import CheckpointError
-    from dino_simpool.export import export_checkpoint
-
-    overrides = {k: getattr(args, k) for k in ("arch", "pooling", "patch_size", "depth", "embed_dim", "num_heads",
-                                               "img_size") if getattr(args, k) is not None}
-    if args.gamma is not _UNSET:
-        overrides["gamma"] = args.gamma
     try:
-        meta = export_checkpoint(args.checkpoint, args.output_dir, checkpoint_key=args.key, layout=args.layout,
+        overrides = model_overrides(args)
+        if args.img_size is not None:
+            overrides["img_size"] = args.img_size
+        meta = export_checkpoint(args.pretrained_weights, args.output_dir, checkpoint_key=args.checkpoint_key,
+                                 layout=args.layout,
                                  **overrides)
     except (CheckpointError, ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"dino-simpool-export: error: {msg}", file=sys.stderr)
+        print_error("dino-simpool-export", e)
         return 2
     spec = meta["timm"]
     kw = "".join(f", {k}={v!r}" for k, v in spec["kwargs"].items())
-    print(f"exported {meta['arch']}/{meta['pooling']} ({meta['source'].get('checkpoint_key') or args.key}, "
+    print(f"exported {meta['arch']}/{meta['pooling']} ({meta['source'].get('checkpoint_key') or args.checkpoint_key}, "
           f"{meta['num_params']:,} parameters, layout {meta['layout']}) to {args.output_dir}")
     print(f"  load here:  dino_simpool.export.load_exported({args.output_dir!r})")
     if spec["complete"]:

@@ -1,24 +1,17 @@
-"""Frozen-backbone feature extraction, sharded over ranks, plus feature dump/load.
+"""Feature dumps of ``dino-simpool-knn``: ``--dump_features`` writes, ``--load_features`` reads (safetensors or .npy).
 
-:func:`extract_features` shards BOTH the train and the val set over the ranks (``DistributedSampler`` without
-shuffle; DINO makes every rank embed the whole val set), gathers ``(index, feature, label)`` from every rank,
-drops the duplicates the sampler adds as padding, and returns the full tensors in dataset order on every rank.
-It also works without a process group (one process embeds everything).
+The features themselves come from :func:`dino_simpool.evaluation.features.extract_features`.
 """
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
-
-from dino_simpool import distributed as D
+from safetensors.torch import load_file, save_file
 
 FEATURES_FILE = "features.safetensors"
 CLASSES_FILE = "classes.json"
@@ -32,156 +25,6 @@ NPY_NAMES = {
 }
 
 
-UNREADABLE = -1  # the label of a sample whose image could not be read (SafeImageFolder's stand-in)
-
-
-class _WithIndex(Dataset):
-    """``(img, label, index)`` from a dataset yielding ``(img, label)``; the label is ``UNREADABLE`` where the
-    dataset says (``get_checked``) that another image stood in for an unreadable one."""
-
-    def __init__(self, ds: Dataset):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        get_checked = getattr(self.ds, "get_checked", None)
-        if get_checked is not None:
-            img, label, ok = get_checked(i)
-            return img, (label if ok else UNREADABLE), i
-        img, label = self.ds[i][:2]
-        return img, label, i
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _gather_rows(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
-    """all_gather equal-shaped tensors from every rank; returns (world * n, ...) on the CPU, rank-major."""
-    world = D.get_world_size()
-    src = t.to(comm_device).contiguous()
-    parts = [torch.empty_like(src) for _ in range(world)]
-    dist.all_gather(parts, src)
-    return torch.cat([p.cpu() for p in parts])
-
-
-@torch.no_grad()
-def extract_features(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    batch_size: int = 128,
-    num_workers: int = 2,
-    device: torch.device | str | None = None,
-    desc: str = "",
-    gather_chunk: int = 65536,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed ``dataset`` with ``model(x) -> (B, d)`` (eval mode, no grad, fp32 output).
-
-    Returns ``(feats (N, d) float32 CPU, labels (N,) int64 CPU)`` in dataset order, on every rank, less the images
-    that could not be read (a ``SafeImageFolder`` logs each one; a warning gives the count). Features are
-    NOT normalised (``knn_classify`` normalises). Under a process group the work is split by a
-    ``DistributedSampler(shuffle=False)``; padded duplicates are dropped, and an index that no rank embedded
-    raises RuntimeError.
-    """
-    n = len(dataset)
-    if n == 0:
-        raise ValueError(f"cannot extract features from an empty dataset ({desc or 'dataset'})")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0; got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    world, rank = D.get_world_size(), D.get_rank()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False) \
-        if D.is_dist() else None
-    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=sampler, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=False)
-
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(loader), desc=desc or "features", unit="batch", disable=rank != 0, dynamic_ncols=True,
-                   mininterval=1.0)
-    except ImportError:  # pragma: no cover
-        bar = None
-    feats, labels, idxs = [], [], []
-    try:
-        for img, label, idx in loader:
-            out = model(img.to(device, non_blocking=True))
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            if out.ndim != 2:
-                raise ValueError(f"the model must return (B, d) features; got shape {tuple(out.shape)}")
-            feats.append(out.float().cpu())
-            labels.append(torch.as_tensor(label).long().reshape(-1))
-            idxs.append(torch.as_tensor(idx).long().reshape(-1))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    feats_l = torch.cat(feats) if feats else torch.empty(0, 0)
-    labels_l = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    idx_l = torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.long)
-
-    if not D.is_dist():
-        order = torch.argsort(idx_l)
-        return _drop_unreadable(feats_l[order].contiguous(), labels_l[order].contiguous(), desc)
-
-    # Every rank ran ceil(n / world) samples (DistributedSampler pads), so all shapes match for all_gather.
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    d = torch.tensor([feats_l.shape[1]], dtype=torch.long)
-    dims = _gather_rows(d, comm)
-    if int(dims.min()) != int(dims.max()):
-        raise RuntimeError(f"ranks produced features of different sizes: {dims.tolist()}")
-    dim = int(dims[0])
-    all_idx = _gather_rows(idx_l, comm)
-    all_lab = _gather_rows(labels_l, comm)
-    # Dedupe: keep one row per dataset index (the first in rank-major order; padding repeats the first indices).
-    m = all_idx.numel()
-    pos_all = torch.arange(m)
-    first = torch.full((n,), m, dtype=torch.long).scatter_reduce_(0, all_idx, pos_all, reduce="amin")
-    keep = first[all_idx] == pos_all
-    seen = first < m
-    if not bool(seen.all()):
-        missing = (~seen).nonzero().flatten()[:10].tolist()
-        raise RuntimeError(f"feature gathering lost dataset indices {missing}...; this is a bug")
-    out_feats = torch.empty(n, dim, dtype=torch.float32)
-    out_labels = torch.empty(n, dtype=torch.long)
-    out_labels[all_idx[keep]] = all_lab[keep]
-    # gather the features in row chunks so that the transient buffers stay small
-    n_local = feats_l.shape[0]
-    for s in range(0, n_local, gather_chunk):
-        part = _gather_rows(feats_l[s:s + gather_chunk], comm)  # (world * c, d), rank-major
-        c = min(gather_chunk, n_local - s)
-        pos = torch.arange(world).view(-1, 1) * n_local + torch.arange(s, s + c).view(1, -1)  # rows in all_idx
-        pos = pos.reshape(-1)
-        k = keep[pos]
-        out_feats[all_idx[pos][k]] = part[k]
-    return _drop_unreadable(out_feats, out_labels, desc)
-
-
-def _drop_unreadable(feats: torch.Tensor, labels: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leave out the rows of unreadable images (each was logged with its path when it was skipped)."""
-    ok = labels != UNREADABLE
-    if bool(ok.all()):
-        return feats, labels
-    if D.get_rank() == 0:
-        warnings.warn(f"{desc or 'features'}: {int((~ok).sum())} unreadable image(s) left out "
-                      f"({int(ok.sum())} of {labels.numel()} kept)", stacklevel=3)
-    return feats[ok].contiguous(), labels[ok].contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# dump / load
-# ----------------------------------------------------------------------------------------------------------------
 def save_features(out_dir: str | os.PathLike, train_feats: torch.Tensor, train_labels: torch.Tensor,
                   test_feats: torch.Tensor, test_labels: torch.Tensor, classes: Sequence[str] | None = None,
                   fmt: str = "safetensors") -> Path:
@@ -195,10 +38,8 @@ def save_features(out_dir: str | os.PathLike, train_feats: torch.Tensor, train_l
         "test_labels": torch.as_tensor(test_labels).long().cpu().contiguous(),
     }
     if fmt == "safetensors":
-        from safetensors.torch import save_file
         save_file(tensors, str(out / FEATURES_FILE))
     elif fmt == "npy":
-        import numpy as np
         for k, v in tensors.items():
             np.save(out / NPY_NAMES[k][0], v.numpy())
     else:
@@ -215,7 +56,6 @@ def load_features(in_dir: str | os.PathLike) -> dict:
     bundle: dict = {}
     st = d / FEATURES_FILE
     if st.is_file():
-        from safetensors.torch import load_file
         try:
             data = load_file(str(st))
         except Exception as e:  # safetensors raises its own error types
@@ -225,7 +65,6 @@ def load_features(in_dir: str | os.PathLike) -> dict:
             raise ValueError(f"{st} lacks {missing}; it was not written by --dump_features")
         bundle.update({k: data[k] for k in KEYS})
     else:
-        import numpy as np
         for k in KEYS:
             path = next((d / name for name in NPY_NAMES[k] if (d / name).is_file()), None)
             if path is None:

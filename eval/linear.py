@@ -24,12 +24,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torchvision import transforms as T
 
-from dino_simpool import distributed as du
-from dino_simpool.cli import bool_flag
-from dino_simpool.models.options import parse_gamma as float_or_none
-from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from dino_simpool import distributed as D
+from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
+from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
+from dino_simpool.data import build_dataset
+from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from dino_simpool.dino.augment import eval_transform
+from dino_simpool.evaluation.features import extract_features
 
 from .linear_heads import (
     FeatureExtractor,
@@ -42,10 +47,8 @@ from .linear_heads import (
     parse_feature_set,
     topk_correct,
 )
+from . import model_args
 
-CHECKPOINT_NAME = "checkpoint.pth"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHED_NOTE = (
     "NOTE: --cached_features trains the heads on features extracted once from centre crops, without the "
     "RandomResizedCrop/flip augmentation: a fast sweep mode, not the full DINO linear protocol."
@@ -53,26 +56,10 @@ CACHED_NOTE = (
 
 
 # ----------------------------------------------------------------------------------------------------------- flags
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser("dino-simpool-linear", description="Linear probe of a frozen backbone (DINO protocol + many heads).")
-    m = p.add_argument_group("model (flags left unset come from the checkpoint's stored config when it has one)")
-    m.add_argument("--arch", default=None, help="backbone (vit_tiny, vit_small, vit_base, resnet50, convnext_small, ...); "
-                   "default: the checkpoint's, else vit_small")
-    m.add_argument("--mode", default=None, choices=["official", "simpool"],
-                   help="official = DINO's pooling ([CLS] for ViTs, global average for CNNs); simpool = SimPool")
-    m.add_argument("--pooling", default=None, help="any registry pooling (wins over --mode)")
-    m.add_argument("--gamma", type=float_or_none, default=None, help="SimPool gamma: a number, 'none' or 'default'")
-    m.add_argument("--patch_size", type=int, default=None)
-    m.add_argument("--depth", type=int, default=None, help="tiny-model override (tests, random-init probes)")
-    m.add_argument("--embed_dim", type=int, default=None, help="tiny-model override")
-    m.add_argument("--num_heads", type=int, default=None, help="tiny-model override (attention heads)")
-    m.add_argument("--pretrained_weights", default="", help="training checkpoint or exported backbone; empty = random init")
-    m.add_argument("--checkpoint_key", default="teacher")
+    p = OneLineErrorParser("dino-simpool-linear",
+                           description="Linear probe of a frozen backbone (DINO protocol + many heads).")
+    model_args.add_model_args(p)
     f = p.add_argument_group("features")
     f.add_argument("--n_last_blocks", type=int, default=None,
                    help="concatenate the last n blocks' [CLS]/pooled vectors (default: 4 for a cls ViT, as DINO; 1, the "
@@ -158,58 +145,13 @@ def feature_sets_for(args, is_vit: bool, pooling: str = "cls") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- model and data
-def _arch_is_vit(arch: str) -> bool:
-    return arch.lower().startswith(("vit", "deit"))
-
-
-def _pooling_for(args, arch: str) -> str | None:
-    if args.pooling:
-        return args.pooling
-    if args.mode == "simpool":
-        return "simpool"
-    if args.mode == "official":
-        return "cls" if _arch_is_vit(arch) else "gap"
-    return None
-
-
-def build_model(args) -> nn.Module:
-    """The frozen backbone. With ``--pretrained_weights``: the checkpoint's stored (or inferred) config, where the
-    flags given explicitly win; without: a randomly initialised backbone from the flags."""
-    from dino_simpool import models
-
-    overrides = {}
-    for key in ("arch", "patch_size", "depth", "embed_dim", "num_heads"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.gamma is not None:
-        overrides["gamma"] = args.gamma
-    if args.pretrained_weights:
-        pooling = _pooling_for(args, args.arch) if args.arch else (args.pooling or ("simpool" if args.mode == "simpool" else None))
-        if pooling:
-            overrides["pooling"] = pooling
-        model, report = models.build_backbone_from_checkpoint(args.pretrained_weights, args.checkpoint_key, **overrides)
-        if args.mode == "official" and not args.pooling and not args.arch:
-            want = "cls" if model.is_vit else "gap"
-            if model.config.get("pooling") != want:  # --mode official without --arch: pooling follows the arch
-                model, report = models.build_backbone_from_checkpoint(
-                    args.pretrained_weights, args.checkpoint_key, **overrides, pooling=want)
-        _print(f"backbone {model.config.get('arch')} (pooling {model.config.get('pooling')}) from "
-               f"{args.pretrained_weights} [config: {report.get('config_source', '?')}]")
-        return model
-    arch = args.arch or "vit_small"
-    overrides.pop("arch", None)
-    pooling = _pooling_for(args, arch) or "simpool"
-    if _arch_is_vit(arch):
-        overrides.setdefault("patch_size", 16)
-        overrides["img_size"] = args.crop
-    model = models.build_backbone(arch, pooling=pooling, **overrides)
-    _print(f"WARNING: no --pretrained_weights: probing a randomly initialised {arch} (pooling {pooling})")
-    return model
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The frozen backbone the model flags name (:func:`eval.model_args.build_model`); randomly initialised ViTs get
+    the probe's ``--crop`` as their position-embedding grid."""
+    return model_args.build_model(args, img_size=args.crop, log=_print)
 
 
 def train_transform(crop: int):
-    from torchvision import transforms as T
-
     return T.Compose([
         T.RandomResizedCrop(crop),
         T.RandomHorizontalFlip(),
@@ -220,9 +162,6 @@ def train_transform(crop: int):
 
 def build_datasets(args, train_aug: bool = True):
     """(train, val) datasets; train gets the augmentation, or centre crops when ``train_aug`` is False."""
-    from dino_simpool.data import build_dataset
-    from dino_simpool.dino.augment import eval_transform
-
     val_tf = eval_transform(args.resize, args.crop)
     train_tf = train_transform(args.crop) if train_aug else val_tf
     syn_train, syn_val = {}, {}
@@ -279,7 +218,7 @@ class ImageBatches:
         return len(self.dataset)
 
     def epoch(self, epoch: int):
-        rank, world = du.get_rank(), du.get_world_size()
+        rank, world = D.get_rank(), D.get_world_size()
         sampler = _ShardSampler(_order(len(self.dataset), self.seed, epoch, self.shuffle), rank, world, self.pad)
         gen = torch.Generator().manual_seed(int(self.seed) * 7919 + int(epoch) * 31 + rank)
         loader = torch.utils.data.DataLoader(
@@ -303,7 +242,7 @@ class CachedBatches:
         return len(self.labels)
 
     def epoch(self, epoch: int):
-        rank, world = du.get_rank(), du.get_world_size()
+        rank, world = D.get_rank(), D.get_world_size()
         idx = torch.tensor(_ShardSampler(_order(len(self.labels), self.seed, epoch, self.shuffle), rank, world, self.pad).idx,
                            dtype=torch.long)
         for i in range(0, len(idx), self.bs):
@@ -313,7 +252,7 @@ class CachedBatches:
 
 # ---------------------------------------------------------------------------------------------- train / eval
 def _print(*a):
-    if du.is_main_process():
+    if D.is_main_process():
         print(*a, flush=True)
 
 
@@ -335,9 +274,9 @@ def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epo
         loss_sum += per_head.double().cpu()
         n += 1
     loss_mean = loss_sum / max(n, 1)
-    if du.is_dist():
+    if D.is_dist():
         device = next(core.parameters()).device
-        loss_mean = du.all_reduce_mean(loss_mean.to(device)).cpu()
+        loss_mean = D.all_reduce_mean(loss_mean.to(device)).cpu()
     return loss_mean.tolist()
 
 
@@ -354,9 +293,7 @@ def validate(heads: nn.Module, core: LinearHeads, batches, epoch: int = 0) -> li
             counts[i, 1] += c5
         total += labels.shape[0]
     tot = torch.tensor([float(total)], dtype=torch.float64)
-    if du.is_dist():
-        import torch.distributed as dist
-
+    if D.is_dist():
         device = next(core.parameters()).device
         counts, tot = counts.to(device), tot.to(device)
         dist.all_reduce(counts)
@@ -407,7 +344,7 @@ def _plain(value):
 
 
 def _strip_module(sd: dict) -> dict:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {strip_module_prefix(k): v for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------------------- run
@@ -436,11 +373,11 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
     Returns ``{"best": {head: {top1, top5, epoch}}, "last": {...}, "best_head": name, "epochs_done": int, ...}``.
     """
     resolve_args(args)
-    env = du.init_distributed(args.backend, args.dist_url)
-    device = du.device_for(env)
+    env = D.init_distributed(args.backend, args.dist_url)
+    device = D.device_for(env)
     torch.manual_seed(args.seed)
     out_dir = Path(args.output_dir)
-    if du.is_main_process():
+    if D.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
 
     if backbone is None:
@@ -488,8 +425,6 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
 
     if args.cached_features:
         _print(CACHED_NOTE)
-        from eval.features import extract_features
-
         flat_model = FlatFeatures(extractor)
         t0 = time.time()
         tr_x, tr_y = (None, None) if args.evaluate else extract_features(
@@ -506,14 +441,14 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
         val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False)
 
     heads: nn.Module = core
-    if du.is_dist():
+    if D.is_dist():
         heads = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == "cuda" else None)
-    lr_scale = bs * du.get_world_size() / 256.0
+    lr_scale = bs * D.get_world_size() / 256.0
     optimizer = torch.optim.SGD(core.param_groups(lr_scale), lr=args.lrs[0] * lr_scale, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     _print(f"linear probe: {len(core.specs)} head(s) {[s.name for s in core.specs]}, {num_labels} labels, "
            f"features {in_dims}, {len(train_dataset)} train / {len(val_dataset)} val images, "
-           f"global batch {bs * du.get_world_size()} (lr x {lr_scale:g})")
+           f"global batch {bs * D.get_world_size()} (lr x {lr_scale:g})")
 
     result = {"heads": core.spec_dicts(), "num_labels": num_labels, "features": mode}
 
@@ -538,7 +473,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
             raise CheckpointError(f"cannot restore the heads from {ckpt_path}: {e}") from None
         start_epoch, best, last, history = ck["epoch"], ck["best"], ck["last"], ck.get("history", [])
         _print(f"resuming from {ckpt_path} at epoch {start_epoch}")
-        if du.is_main_process():
+        if D.is_main_process():
             with open(out_dir / "log.txt", "a") as f:
                 f.write(json.dumps({"event": "resume", "epoch": start_epoch}) + "\n")
 
@@ -546,8 +481,8 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
     epochs_this_run = 0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        if du.is_dist():
-            du.barrier()
+        if D.is_dist():
+            D.barrier()
         losses = train_one_epoch(heads, core, optimizer, train_b, epoch, args.epochs, args.seed)
         entry = {"epoch": epoch, "time_s": round(time.time() - t0, 3),
                  "loss": {s.name: l for s, l in zip(core.specs, losses)},
@@ -568,7 +503,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
             _print(f"epoch {epoch + 1}/{args.epochs} ({entry['time_s']:.1f}s): mean loss "
                    f"{sum(losses) / len(losses):.4f}")
         history.append(entry)
-        if du.is_main_process():
+        if D.is_main_process():
             save_atomic({
                 "heads": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                 "epochs": args.epochs, "best": best, "last": last, "history": history, "spec": spec,
@@ -579,19 +514,19 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
         epochs_this_run += 1
         if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs:
             _print(f"stopping after {epochs_this_run} epoch(s) (--stop_after_epochs); rerun to resume")
-            du.barrier()
+            D.barrier()
             result.update(best=best, last=last, epochs_done=epoch + 1, stopped=True,
                           best_head=max(best, key=lambda k: best[k]["top1"]) if best else None)
             return result
 
-    du.barrier()
+    D.barrier()
     epochs_done = max(start_epoch, args.epochs)
     title = (f"linear probe, {len(core.specs)} head(s), {args.epochs} epochs"
              + (" [cached centre-crop features: not the full protocol]" if args.cached_features else ""))
     _print(_report(core, best, last, epochs_done, title))
     best_head = max(best, key=lambda k: best[k]["top1"]) if best else None
     result.update(best=best, last=last, best_head=best_head, epochs_done=epochs_done)
-    if du.is_main_process():
+    if D.is_main_process():
         (out_dir / "results.json").write_text(json.dumps(_plain(result), indent=1))
     return result
 
@@ -601,13 +536,13 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (ValueError, CheckpointError) as e:
-        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print_error("dino-simpool-linear", e)
         return 2
     except FloatingPointError as e:  # same code as training's non-finite loss
-        print(f"dino-simpool-linear: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        print_error("dino-simpool-linear", e)
         return 3
     finally:
-        du.cleanup()
+        D.cleanup()
     return 0
 
 

@@ -160,7 +160,7 @@ class FeatureExtractor(nn.Module):
 
 
 class FlatFeatures(nn.Module):
-    """Adapter for ``eval.features.extract_features``: ``forward(x) -> (B, D_all)`` (every piece, concatenated)."""
+    """Adapter for ``dino_simpool.evaluation.features.extract_features``: ``forward(x) -> (B, D_all)`` (every piece, concatenated)."""
 
     def __init__(self, extractor: FeatureExtractor):
         super().__init__()

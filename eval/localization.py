@@ -20,17 +20,24 @@ Scores are therefore close to, not identical with, the reference's on the same m
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dino_simpool.cli import OneLineErrorParser
+from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE
+
+from . import locdata
 from .boxes import box_iou, check_gt_boxes, mask_boxes
-from .maps import DEFAULT_MAX_SIZE
+from .maps import MAP_CHOICES, attention_map, resolve_map_kind
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.0, 1.0, 0.01), 2).tolist())
 DEFAULT_IOUS = (0.3, 0.5, 0.7)
+RESULTS_FILE = "localization_results.json"
 
 
 def upsample_map(attn, size: tuple[int, int]) -> np.ndarray:
@@ -119,13 +126,10 @@ def evaluate_model(model, samples, image_size=None, batch_size=32, map_kind="aut
                    thresholds=DEFAULT_THRESHOLDS, iou_thresholds=DEFAULT_IOUS, max_size=DEFAULT_MAX_SIZE) -> dict:
     """MaxBoxAccV2 of ``model``'s attention maps over ``samples`` (:class:`eval.locdata.BoxSample`); each map is
     upsampled to its image's original size, where the ground-truth boxes live."""
-    from eval.locdata import as_numpy, iterate
-    from eval.maps import attention_map, resolve_map_kind
-
     map_kind = resolve_map_kind(model, map_kind)
     metric = MaxBoxAccV2(tuple(thresholds), tuple(iou_thresholds))
-    for x, meta in iterate(model, samples, image_size, batch_size, max_size):
-        maps = as_numpy(attention_map(model, x, map_kind))
+    for x, meta in locdata.iterate(model, samples, image_size, batch_size, max_size):
+        maps = locdata.as_numpy(attention_map(model, x, map_kind))
         for m, (s, size) in zip(maps, meta):
             metric.add(m, s.boxes, size, name=s.name)
     out = metric.compute()
@@ -139,36 +143,22 @@ def format_result(res: dict, title: str = "") -> str:
     return f"{head}MaxBoxAccV2 {res['maxboxaccv2']:.2f} on {res['num_images']} images ({res['map']} map) | {ious}"
 
 
-def build_parser():
-    import argparse
-
-    from eval.maps import MAP_CHOICES, add_model_args, add_size_args
-
-    p = argparse.ArgumentParser("python -m eval.localization",
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser("python -m eval.localization",
                                 description="MaxBoxAccV2 (Choe et al., CVPR 2020) of a backbone's attention maps. "
                                             "Default data: the embedded dataset's val split and its boxes.")
-    add_model_args(p)
+    locdata.add_box_evaluator_args(p, RESULTS_FILE)
     p.add_argument("--data_path", default=None, help="image folder (an ImageFolder split or CUB's images/)")
     p.add_argument("--boxes", default=None, help="boxes file: JSON {relpath: [[x0,y0,x1,y1]...]} or CUB bounding_boxes.txt")
     p.add_argument("--boxes_format", default="auto", choices=["auto", "json", "cub"], help="auto: by suffix (.json / .txt)")
     p.add_argument("--images_txt", default=None, help="CUB images.txt (default: beside the boxes file)")
-    p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
-    add_size_args(p)
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES),
                    help="auto: the pooling's map (SimPool), or the last block's [CLS] attention head mean (cls)")
     p.add_argument("--threshold_step", default=0.01, type=float, help="spacing of the map thresholds in [0, 1)")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
-    p.add_argument("--output_dir", default=None, help="write localization_results.json here")
     return p
 
 
 def load_samples(args) -> list:
-    from pathlib import Path
-
-    from eval import locdata
-
     if args.data_path is None:
         if args.boxes:
             raise ValueError("--boxes needs --data_path (the images the boxes refer to)")
@@ -187,37 +177,20 @@ def load_samples(args) -> list:
 
 
 def main(argv=None) -> int:
-    import json
-    import sys
-    from pathlib import Path
-
-    from dino_simpool.checkpoint import CheckpointError
-    from eval.maps import build_model, check_size_args
-
     args = build_parser().parse_args(argv)
-    try:
-        check_size_args(args)
+
+    def check() -> None:
         if not 0 < args.threshold_step < 1:
             raise ValueError(f"--threshold_step must be in (0, 1); got {args.threshold_step}")
+
+    def evaluate(model, samples) -> dict:
         thresholds = tuple(np.round(np.arange(0.0, 1.0, args.threshold_step), 6).tolist())
-        samples = load_samples(args)
-        model = build_model(args)
-        res = evaluate_model(model, samples, args.image_size, args.batch_size, args.map, thresholds,
-                             max_size=args.max_size)
-    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
-        print(f"eval.localization: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)", model=args.pretrained_weights or "random init",
-               arch=model.config["arch"], pooling=model.config["pooling"])
-    print(format_result(res))
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "localization_results.json").write_text(json.dumps(res, indent=2) + "\n")
-    return 0
+        return evaluate_model(model, samples, args.image_size, args.batch_size, args.map, thresholds,
+                              max_size=args.max_size)
+
+    return locdata.run_box_evaluator("eval.localization", args, check, load_samples, evaluate, format_result,
+                                     RESULTS_FILE)
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

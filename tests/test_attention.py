@@ -6,10 +6,11 @@ from PIL import Image
 
 from dino_simpool.export import export_backbone
 from dino_simpool.models.backbones import build_backbone
-from eval.attention import MIN_PANEL, TITLE_H, _minmax, attention_panels, colormap, main, save_attention_pngs, \
-    upsample
+from dino_simpool.evaluation.attention import MIN_PANEL, TITLE_H, _minmax, attention_panels, colormap, \
+    save_attention_pngs, upsample
+from dino_simpool.evaluation.images import to_tensor
+from eval.attention import main
 from eval.discovery import cumulative_mass_mask
-from eval.maps import to_tensor
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
 

@@ -1,7 +1,7 @@
 """The demo's output folder: only a folder the demo wrote (marker file) or an empty one is ever deleted."""
 import pytest
 
-from dino_simpool.demo import DEMO_MARKER, main, prepare_demo_dir
+from eval.demo import DEMO_MARKER, main, prepare_demo_dir
 
 
 def _user_folder(tmp_path):

@@ -1,4 +1,5 @@
-"""Feature extraction (eval/features.py): order, 2-rank gloo sharding == one rank, dump/load round-trip."""
+"""Feature extraction (dino_simpool/evaluation/features.py): order, 2-rank gloo sharding == one rank; the k-NN
+dumps (eval/features.py): dump/load round-trip."""
 import socket
 
 import numpy as np
@@ -7,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from eval.features import extract_features, load_features, save_features
+from dino_simpool.evaluation.features import extract_features
+from eval.features import load_features, save_features
 
 N, D_IN = 11, 6  # odd size: a 2-rank DistributedSampler pads one duplicate
 

@@ -1,4 +1,4 @@
-"""k-NN search and vote (eval/knn.py): backends agree with a float64 hand-written vote, hand-worked cases, CLI errors."""
+"""k-NN search and vote (dino_simpool/evaluation/knn.py), the dino-simpool-knn command (eval/knn.py): backends agree with a float64 hand-written vote, hand-worked cases, CLI errors."""
 import json
 import math
 import warnings
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from dino_simpool.evaluation.knn import knn_classify
 from eval.features import save_features
-from eval.knn import knn_classify, main, remap_val_labels
+from eval.knn import main, remap_val_labels
 
 
 def ref_vote(train, train_labels, test, test_labels, ks, T, num_classes):
@@ -59,7 +60,7 @@ def test_backends_match_float64_reference(num_classes, T):
 
 
 def test_prenormalised_bank_zero_copy_path_agrees():
-    from eval.knn import _FaissSearcher
+    from dino_simpool.evaluation.knn import _FaissSearcher
     g = torch.Generator().manual_seed(2)
     raw, test = torch.randn(200, 16, generator=g) * 2, torch.randn(20, 16, generator=g)
     tl, sl = torch.randint(0, 6, (200,), generator=g), torch.randint(0, 6, (20,), generator=g)
@@ -256,6 +257,18 @@ def test_cli_checkpoint_arch_mismatch_exit_2(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
+
+
+def test_cli_key_mismatch_lists_missing_unexpected_and_mis_shaped_keys(tmp_path, capsys):
+    """As training and export do: the whole report on one line, not only its first line."""
+    ckpt = _tiny_checkpoint(tmp_path)  # vit_tiny, depth 1, patch 8
+    rc = main(["--pretrained_weights", str(ckpt), "--depth", "2", "--patch_size", "4", "--output_dir", str(tmp_path),
+               "--num_workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "missing keys" in err and "encoder.blocks.1.attn.qkv.weight" in err
+    assert "unexpected keys (0)" in err
+    assert "shape mismatches" in err and "encoder.patch_embed.proj.weight: checkpoint (32, 3, 8, 8)" in err
 
 
 def _tiny_checkpoint(tmp_path):

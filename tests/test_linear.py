@@ -282,12 +282,12 @@ def test_num_labels_from_dataset_or_flag(tmp_path):
 
 @pytest.fixture
 def features_module(monkeypatch):
-    """eval.features if it is there; else a minimal stand-in with the contract's signature."""
+    """dino_simpool.evaluation.features if it is there; else a minimal stand-in with the contract's signature."""
     try:
-        importlib.import_module("eval.features")
+        importlib.import_module("dino_simpool.evaluation.features")
         return "real"
     except ImportError:
-        mod = types.ModuleType("eval.features")
+        mod = types.ModuleType("dino_simpool.evaluation.features")
 
         @torch.no_grad()
         def extract_features(model, dataset, batch_size=128, num_workers=2, device=None, desc=""):
@@ -298,7 +298,7 @@ def features_module(monkeypatch):
             return torch.cat(xs), torch.cat(ys).long()
 
         mod.extract_features = extract_features
-        monkeypatch.setitem(sys.modules, "eval.features", mod)
+        monkeypatch.setitem(sys.modules, "dino_simpool.evaluation.features", mod)
         return "stand-in"
 
 
@@ -453,6 +453,7 @@ def test_mode_flag_maps_to_pooling():
     m = linear.build_model(p.parse_args(["--arch", "vit_tiny", "--mode", "official", "--depth", "1", "--embed_dim", "32",
                                          "--num_heads", "2", "--patch_size", "8", "--crop", "32", "--resize", "36"]))
     assert m.is_vit and m.config["pooling"] == "cls" and m.config["img_size"] == 32
-    m = linear.build_model(p.parse_args(["--arch", "vit_tiny", "--mode", "official", "--pooling", "gem", "--depth", "1",
-                                         "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8", "--crop", "32"]))
-    assert m.config["pooling"] == "gem"  # --pooling wins over --mode
+    # --mode and --pooling that disagree are refused, as in training and k-NN (the probe once let --pooling win)
+    with pytest.raises(ValueError, match="--mode official means --pooling cls"):
+        linear.build_model(p.parse_args(["--arch", "vit_tiny", "--mode", "official", "--pooling", "gem", "--depth",
+                                         "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8"]))

@@ -241,8 +241,8 @@ def test_localization_cli_matches_library_on_model_maps(tiny_setup, capsys):
 
     from dino_simpool.data import SyntheticShapes
     from dino_simpool.export import load_exported
+    from dino_simpool.evaluation.images import to_tensor
     from eval.localization import main
-    from eval.maps import to_tensor
 
     model = load_exported(tiny_setup / "exp_cls")
     ds = SyntheticShapes("val", image_size=32, images_per_class=1)

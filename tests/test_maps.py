@@ -1,8 +1,10 @@
-"""eval.maps: --device validation, the model input size (--image_size / --max_size), unique output names."""
+"""eval.maps and eval.model_args: --device validation, the model input size (--image_size / --max_size), unique output names."""
 import pytest
 import torch
 
-from eval.maps import list_images_named, model_input_size, resolve_device, unique_names
+from dino_simpool.evaluation.images import model_input_size, unique_names
+from eval.maps import list_images_named
+from eval.model_args import resolve_device
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:99", "banana"])

@@ -330,7 +330,7 @@ def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     """The README demo path (train + before/after k-NN) on its --quick setting; not a claim about its accuracy."""
-    from dino_simpool.demo import DEMO_MARKER, main as demo_main
+    from eval.demo import DEMO_MARKER, main as demo_main
     assert demo_main(["--quick", "--output_dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "random init" in out and "DINO 1 epochs" in out

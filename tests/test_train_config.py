@@ -65,7 +65,7 @@ def test_resnet_student_from_default_config_has_no_drop_path():
 
 
 def test_embedded_defaults_without_data_path():
-    from dino_simpool.demo import DEMO_FLAGS
+    from eval.demo import DEMO_FLAGS
     from dino_simpool.config import EMBEDDED_DEFAULTS
     c = parse_config([])
     for k, v in EMBEDDED_DEFAULTS.items():

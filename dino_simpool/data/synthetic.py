@@ -12,7 +12,7 @@ Class cues (``_class_appearance``)
       class-independent clutter (smooth colour field, faint lines and blobs) and pixel noise.
     So colour and texture are informative but not sufficient: hues of neighbouring classes are 0.1 apart, and DINO's
     colour jitter (hue +-0.1, grayscale p=0.2) blurs that cue during pretraining, so shape still matters. These cues
-    make the tiny CPU demo (``dino_simpool.demo``) learnable in minutes; with class-independent colours DINO's
+    make the tiny CPU demo (``python -m eval.demo``) learnable in minutes; with class-independent colours DINO's
     k-NN accuracy stayed at chance there.
 
 Determinism

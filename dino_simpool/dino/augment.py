@@ -31,8 +31,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _check_scale(name, scale):

@@ -8,9 +8,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from dino_simpool.checkpoint import strip_module_prefix
+
 __all__ = [
     "param_groups", "is_regularized", "LARS", "OPTIMIZERS", "build_optimizer", "clip_gradients",
-    "clip_gradients_", "cancel_gradients_last_layer", "ema_update", "apply_schedules", "strip_module_prefix",
+    "clip_gradients_", "cancel_gradients_last_layer", "ema_update", "apply_schedules",
 ]
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -157,13 +159,6 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
     for name, p in model.named_parameters():
         if "last_layer" in name:
             p.grad = None
-
-
-def strip_module_prefix(name: str) -> str:
-    """Remove DDP's ``module.`` prefixes (``module.backbone.x`` -> ``backbone.x``)."""
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
 
 
 def _named_params(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from dino_simpool.dino.optim import apply_schedules, build_optimizer, param_grou
 from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr
 from dino_simpool.dino.step import DINOStep, StepSettings, agree
 from dino_simpool.dino.summary import EpochSums, log_epoch, nonfinite_message
+from dino_simpool.evaluation.knn import knn_accuracy
 from dino_simpool.logs import Logger, Progress, format_seconds
 from dino_simpool.rundir import RunLock, RunLockedError, prepare_output_dir
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
@@ -377,24 +378,6 @@ def _gather_rng() -> dict:
 
 def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device) -> dict[str, Any]:
     """k-NN top-1/top-5 of the teacher backbone on val (train bank); every rank takes part in the extraction."""
-    from eval.features import extract_features
-    from eval.knn import knn_classify
-
-    train_ds, val_ds = datasets
-    backbone = unwrap(teacher).backbone  # works for DDP-wrapped and plain teachers alike
-    was_training = backbone.training
-    try:
-        bs = max(cfg.batch_size_per_gpu, 64)
-        tf, tl = extract_features(backbone, train_ds, batch_size=bs, num_workers=cfg.num_workers, device=device,
-                                  desc="k-NN train")
-        vf, vl = extract_features(backbone, val_ds, batch_size=bs, num_workers=cfg.num_workers, device=device,
-                                  desc="k-NN val")
-    finally:
-        backbone.train(was_training)
-    out: dict[str, Any] = {}
-    if D.is_main_process():
-        ncls = len(getattr(train_ds, "classes", [])) or None
-        res = knn_classify(tf, tl, vf, vl, ks=tuple(cfg.nb_knn), T=cfg.temperature, num_classes=ncls)
-        out = {str(k): {"top1": float(v[0]), "top5": float(v[1])} for k, v in res.items()}
-    D.barrier()
-    return out
+    res = knn_accuracy(unwrap(teacher).backbone, *datasets, ks=tuple(cfg.nb_knn), T=cfg.temperature,
+                       batch_size=max(cfg.batch_size_per_gpu, 64), num_workers=cfg.num_workers, device=device)
+    return {str(k): {"top1": float(v[0]), "top5": float(v[1])} for k, v in res.items()}

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
-from dino_simpool.models.options import DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, resolve_gamma
+from dino_simpool.models.options import DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, resolve_gamma, resolve_pooling
 from dino_simpool.pooling import SimPool, build_pooling, get_pooling_entry
 
 VIT_ARCHS = {
@@ -414,7 +414,7 @@ def build_backbone(
     compat: str | None = None,
     **pool_options,
 ) -> Backbone:
-    """Build ``arch`` with ``pooling`` (a registry name, ``cls`` or ``gap``).
+    """Build ``arch`` with ``pooling`` (a registry name, ``cls``, ``gap`` or ``official``: DINO's pooling for the arch).
 
     gamma: SimPool's exponent; ``"default"`` = 1.25 for ViTs, 2.0 for CNNs; ``None`` = no power. Ignored by other
     poolings. patch_size / img_size / depth / embed_dim / num_heads: ViT only (``img_size`` sets the stored position
@@ -429,7 +429,7 @@ def build_backbone(
                          "(its norm and the heads are built for d): use reduce='mean' or 'project'")
     if not isinstance(pooling, str):
         raise ValueError(f"pooling must be a registry name, 'cls' or 'gap'; got {pooling!r}")
-    pooling = pooling.lower()
+    pooling = resolve_pooling(pooling, family)  # "official" = DINO's pooling for the family (cls / gap)
     if pooling not in ("cls", "gap"):
         get_pooling_entry(pooling)  # unknown names raise ValueError listing the registry
     if norm_order not in NORM_ORDERS:

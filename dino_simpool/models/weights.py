@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
-from dino_simpool.checkpoint import CheckpointError, describe_key_mismatch, load_checkpoint
+from dino_simpool.checkpoint import CheckpointError, describe_key_mismatch, load_checkpoint, strip_module_prefix
 from dino_simpool.models.backbones import VIT_ARCHS, Backbone, build_backbone
+from dino_simpool.models.options import parse_gamma
 
 WEIGHT_FILES = ("model.safetensors", "backbone.safetensors", "backbone.pth", "model.pth", "checkpoint.pth")
 STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
@@ -99,15 +100,18 @@ def _select_state_dict(obj: Any, checkpoint_key: str | None) -> tuple[dict[str, 
 def _strip_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Strip DDP's ``module.`` and the multi-crop wrapper's ``backbone.`` (keeping only backbone keys)."""
     stripped: list[str] = []
-    while sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-        stripped.append("module.")
+
+    def strip_ddp(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if sd and all(k.startswith("module.") for k in sd):  # every key wrapped: DDP's, not a layer named module
+            sd = {strip_module_prefix(k): v for k, v in sd.items()}
+            stripped.append("module.")
+        return sd
+
+    sd = strip_ddp(sd)
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         stripped.append("backbone.")
-        while sd and all(k.startswith("module.") for k in sd):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
-            stripped.append("module.")
+        sd = strip_ddp(sd)
     return sd, stripped
 
 
@@ -389,9 +393,7 @@ def _official_gamma(obj: Any, cfg: dict[str, Any], checkpoint_key: str | None) -
         args = vars(args)
     if not isinstance(args, dict) or "gamma" not in args:
         return None
-    gamma = args["gamma"]
-    if isinstance(gamma, str) and gamma.strip().lower() == "none":
-        gamma = None
+    gamma = parse_gamma(args["gamma"])  # the official flag's float, None or "None"
     if "patch_size" in cfg:  # a ViT
         if cfg.get("gamma", "default") is None or checkpoint_key != "student" or gamma is None:
             return None

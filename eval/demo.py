@@ -1,7 +1,7 @@
 """README command 1 (``bash dev.sh demo``): pretrain a tiny SimPool ViT with DINO on the embedded dataset, on CPU, in
 a few minutes; then k-NN on the val split, next to the same network at random initialisation.
 
-    python -m dino_simpool.demo [--output_dir demo_output] [--epochs N] [--quick] [--keep] [--force]
+    python -m eval.demo [--output_dir demo_output] [--epochs N] [--quick] [--keep] [--force]
 
 The run is an ordinary ``dino_simpool.train`` run (the exact command is printed, and ``config.yaml``, ``log.txt``,
 ``tb/`` and ``checkpoint.pth`` land in ``--output_dir``); the demo only adds the before/after k-NN comparison.
@@ -10,7 +10,6 @@ A rerun replaces ``--output_dir`` only if the demo wrote it (``DEMO_MARKER``) or
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -19,7 +18,17 @@ from typing import Sequence
 
 import torch
 
-from dino_simpool.config import EMBEDDED_DEFAULTS
+from dino_simpool.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from dino_simpool.cli import OneLineErrorParser, print_error
+from dino_simpool.data import build_dataset
+from dino_simpool.dino.augment import eval_transform
+from dino_simpool.config import EMBEDDED_DEFAULTS, parse_config
+from dino_simpool.dino.determinism import seed_all
+from dino_simpool.dino.build import build_student_teacher
+from dino_simpool.dino.trainer import train
+from dino_simpool.evaluation.attention import embedded_examples, save_attention_pngs, stack_pictures
+from dino_simpool.evaluation.knn import knn_accuracy
+from dino_simpool.models.backbones import build_backbone
 
 # The demo configuration = the embedded-dataset defaults of the training CLI (``EMBEDDED_DEFAULTS`` in
 # dino_simpool/config/, what `dino-simpool-train` with no --data_path uses), minus the periodic k-NN (the demo
@@ -50,27 +59,18 @@ def demo_argv(output_dir: str, **overrides) -> list[str]:
 
 def knn_top1(backbone: torch.nn.Module, cfg, ks=DEMO_KS) -> dict[int, float]:
     """k-NN top-1 (percent) of ``backbone`` on the embedded val split, train split as the bank."""
-    from dino_simpool.data import build_dataset
-    from dino_simpool.dino.augment import eval_transform
-    from eval.features import extract_features
-    from eval.knn import knn_classify
-
     size = cfg.global_crops_size
     tf = eval_transform(resize=int(round(size * 256 / 224)), crop=size)
-    train = build_dataset(None, "train", transform=tf, image_size=cfg.synthetic_size,
-                          images_per_class=cfg.synthetic_per_class)
-    val = build_dataset(None, "val", transform=tf, image_size=cfg.synthetic_size)
-    tf_, tl = extract_features(backbone, train, batch_size=256, num_workers=0)
-    vf, vl = extract_features(backbone, val, batch_size=256, num_workers=0)
-    res = knn_classify(tf_, tl, vf, vl, ks=ks, T=cfg.temperature, num_classes=len(train.classes))
+    train_set = build_dataset(None, "train", transform=tf, image_size=cfg.synthetic_size,
+                              images_per_class=cfg.synthetic_per_class)
+    val_set = build_dataset(None, "val", transform=tf, image_size=cfg.synthetic_size)
+    res = knn_accuracy(backbone, train_set, val_set, ks=ks, T=cfg.temperature, batch_size=256, num_workers=0)
     return {k: float(v[0]) for k, v in res.items()}
 
 
 def write_attention_maps(backbone: torch.nn.Module, cfg, out_dir: Path, num: int = 4) -> list[Path]:
     """SimPool attention-map PNGs of the trained teacher on a few embedded val images (one per class), plus one
     picture that stacks them all (``attention/all.png``)."""
-    from eval.attention import embedded_examples, save_attention_pngs, stack_pictures
-
     images, names = embedded_examples(num, image_size=cfg.synthetic_size)
     paths = save_attention_pngs(backbone, images, out_dir, image_size=cfg.global_crops_size, threshold=0.6,
                                 names=names)
@@ -99,18 +99,13 @@ def prepare_demo_dir(output_dir: str | Path, keep: bool = False, force: bool = F
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     if fresh or (out / DEMO_MARKER).is_file():
-        (out / DEMO_MARKER).write_text("written by python -m dino_simpool.demo: a rerun of the demo deletes this "
+        (out / DEMO_MARKER).write_text("written by python -m eval.demo: a rerun of the demo deletes this "
                                        "folder\n", encoding="utf-8")
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dino_simpool.config import parse_config
-    from dino_simpool.dino.determinism import seed_all
-    from dino_simpool.dino.build import build_student_teacher
-    from dino_simpool.dino.trainer import train
-
-    ap = argparse.ArgumentParser("dino-simpool demo", description=__doc__.split("\n\n")[0])
+    ap = OneLineErrorParser("dino-simpool demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output_dir", default="demo_output")
     ap.add_argument("--epochs", type=int, default=None, help=f"default {DEMO_FLAGS['epochs']}")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 40 images per class (a smoke test, ~1 min)")
@@ -129,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_config(targv)
         out = prepare_demo_dir(a.output_dir, keep=a.keep, force=a.force)
     except ValueError as e:
-        print(f"dino-simpool demo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print_error("dino-simpool demo", e)
         return 2
     t0 = time.perf_counter()
     print("[demo] pretraining a tiny SimPool ViT with DINO on the embedded dataset (CPU). Same as:")
@@ -150,9 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[demo] training stopped with exit code {rc}", file=sys.stderr)
         return rc
 
-    from dino_simpool.checkpoint import load_checkpoint
-    from dino_simpool.models.backbones import build_backbone
-    ck = load_checkpoint(out / "checkpoint.pth")
+    ck = load_checkpoint(out / CHECKPOINT_NAME)
     backbone = build_backbone(**ck["config"]["backbone"])
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")})
     after = knn_top1(backbone, cfg)
