@@ -449,3 +449,21 @@ def test_knn_eval_unwraps_a_wrapped_teacher(tmp_path):
         assert knn_eval(ddp, cfg, sets, cpu) == plain
     finally:
         dist.destroy_process_group()
+
+
+def test_max_iters_0_writes_the_initial_weights(tmp_path, capsys):
+    """The random-init baseline of an SSL comparison: the exact weights training starts from, as a checkpoint that
+    every evaluator reads; a later run in the same folder trains on from them."""
+    from dino_simpool.config import parse_config
+    from dino_simpool.dino.build import build_student_teacher
+    from dino_simpool.dino.determinism import seed_all
+
+    out = tmp_path / "run"
+    assert main(TINY + ["--max_iters", "0", "--seed", "3", "--output_dir", str(out)]) == 0
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert (ck["epoch"], ck["iteration"], ck["iter_in_epoch"]) == (0, 0, 0)
+    seed_all(3)
+    student, teacher = build_student_teacher(parse_config(TINY + ["--seed", "3"]))
+    assert all(torch.equal(v, ck["teacher"][k]) for k, v in teacher.state_dict().items())
+    assert main(TINY + ["--seed", "3", "--max_iters", "1", "--output_dir", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 1

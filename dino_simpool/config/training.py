@@ -164,8 +164,9 @@ class TrainConfig:
     saveckp_freq: int = run(20, "also keep checkpoint{epoch:04}.pth every N epochs", embedded=100,
                             affects_result=False, check=positive)
     seed: int = run(0, "random seed")
-    max_iters: int | None = run(None, "stop (with a checkpoint) after N total iterations", affects_result=False,
-                                check=at_least(1, optional=True))
+    max_iters: int | None = run(None, "stop (with a checkpoint) after N total iterations; 0 writes the initial "
+                                "weights (the random-init baseline of an SSL comparison) and stops",
+                                affects_result=False, check=at_least(0, optional=True))
     log_every: int = run(10, "print a progress line every N iterations", affects_result=False, check=positive)
     resume_force: bool = run(False, "resume from --output_dir's checkpoint even when flags that change the result "
                              "(arch, data, batch, lr, epochs, seed, ...) differ from the stored run's (True/False); "

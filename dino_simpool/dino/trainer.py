@@ -153,10 +153,16 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
         state = TrainState(student, teacher, optimizer, step, dino_loss, config_dict, ckpt)
         if main:
             cfg.save_yaml(out / "config.yaml")
-        epoch0, iter0, iteration = state.resume(resume_from, niter, rank, world, log) if resume_from else (0, 0, 0)
-        if resume_from is None:
+        fresh = resume_from is None
+        epoch0, iter0, iteration = (0, 0, 0) if fresh else state.resume(resume_from, niter, rank, world, log)
+        del resume_from  # the checkpoint's tensors are in the models now: free the copy
+        if fresh:
             log.event({"event": "start", "config": config_dict})
-        del resume_from
+        if cfg.max_iters == 0 and fresh:  # the step-0 weights: the "before" of a comparison
+            state.save(0, 0, 0)
+            log.info(f"--max_iters 0: saved the initial weights (seed {cfg.seed}) to {ckpt.path}")
+            log.event({"event": "max_iters", "epoch": 0, "iteration": 0, "iter_in_epoch": 0})
+            return EXIT_OK
         if epoch0 >= cfg.epochs or (cfg.max_iters is not None and iteration >= cfg.max_iters):
             log.info(f"nothing to do: the checkpoint is at epoch {epoch0}/{cfg.epochs}, iteration {iteration}")
             return EXIT_OK
