@@ -22,6 +22,7 @@ dependencies = ["torch", "timm"]
 
 def _make_entry(arch: str, pooling: str):
     def entry(weights=None, **kwargs):
+        # imported on call: torch.hub reads `dependencies` after importing this file, so a missing timm gets its message
         from dino_simpool.models.backbones import build_backbone
 
         if weights is None:

@@ -54,11 +54,13 @@ from typing import Any
 
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from dino_simpool.models.backbones import arch_family, build_backbone
-from dino_simpool.models.weights import fb_convnext_to_timm, timm_convnext_to_fb
+from dino_simpool.models.backbones import CONVNEXT_ARCHS, RESNET_ARCHS, VIT_ARCHS, arch_family, build_backbone
+from dino_simpool.models.weights import (build_backbone_from_checkpoint, fb_convnext_to_timm, read_checkpoint,
+                                         timm_convnext_to_fb)
 from dino_simpool.pooling import SimPool
 
 EXPORT_FORMAT = "dino-simpool-export"
@@ -110,8 +112,6 @@ def _timm_refusal_name(config: dict[str, Any], layout: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 def _vit_timm_name(arch: str, patch_size: int) -> tuple[str, bool]:
     """timm model name for a ViT arch; returns (name, whether patch_size must be passed as a kwarg)."""
-    import timm
-
     name = f"{arch}_patch{patch_size}_224"
     if name in timm.list_models(name):
         return name, False
@@ -126,8 +126,6 @@ def timm_spec(config: dict[str, Any], layout: str = "auto") -> dict[str, Any]:
     name timm refuses (pointing to :func:`load_exported`) and ``kwargs`` is empty, so the timm route fails instead of
     returning a random network; the ``dino_simpool`` layout adds ``encoder`` (``model_name``, ``kwargs``, ``prefix``):
     the timm model that the ``encoder.*`` tensors load into strictly. Also ``layout`` and a ``note``."""
-    from dino_simpool.models.backbones import CONVNEXT_ARCHS, RESNET_ARCHS, VIT_ARCHS
-
     arch, pooling = config["arch"], config["pooling"]
     layout = resolve_layout(config, layout)
     kwargs: dict[str, Any] = {}
@@ -202,8 +200,6 @@ def _timm_folder_config(spec: dict[str, Any], config: dict[str, Any], embed_dim:
 
 
 def _fc_norm_rename(config: dict[str, Any]) -> bool:
-    from dino_simpool.models.backbones import VIT_ARCHS
-
     return config["arch"] in VIT_ARCHS and config["pooling"] == "gap" and config.get("norm_order", "ssl") == "ssl"
 
 
@@ -323,8 +319,6 @@ def export_backbone(model, output_dir, training_config: dict | None = None, sour
     SimPool key names; ValueError, before anything is written, for a backbone without an official counterpart).
     Returns the ``config.json`` content. The files are checked by reading them back.
     """
-    from safetensors.torch import save_file
-
     cfg = dict(model.config)
     spec = timm_spec(cfg, layout)
     sd = export_state_dict(model, layout)
@@ -369,8 +363,6 @@ def export_checkpoint(checkpoint, output_dir, checkpoint_key: str = "teacher", l
     stripped and the DINO head dropped by :func:`dino_simpool.models.weights.build_backbone_from_checkpoint`, which
     loads strictly. ``layout`` as :func:`export_backbone`. Returns the ``config.json`` content.
     """
-    from dino_simpool.models.weights import build_backbone_from_checkpoint, read_checkpoint
-
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "checkpoint.pth"
@@ -400,8 +392,6 @@ def read_export_weights(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             sd = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors has its own error types

@@ -69,7 +69,7 @@ class TensorBoard:
     def _writer(self):
         if self._w is None and self.log_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # here: tensorboard takes ~1 s to import
             except Exception as e:  # tensorboard missing: keep training, say so once
                 print(f"[logs] TensorBoard disabled ({e})", file=sys.stderr)
                 self.log_dir = None

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dino_simpool.models.options import DEFAULT_GAMMA_CNN, DEFAULT_GAMMA_VIT, resolve_gamma, resolve_pooling
-from dino_simpool.pooling import SimPool, build_pooling, get_pooling_entry
+from dino_simpool.pooling import POOLINGS, SimPool, build_pooling, get_pooling_entry
 
 VIT_ARCHS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -480,8 +480,6 @@ def build_backbone(
 
 
 def _registry_names() -> set[str]:
-    from dino_simpool.pooling import POOLINGS
-
     return set(POOLINGS)
 
 

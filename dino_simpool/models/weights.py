@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from dino_simpool.checkpoint import CheckpointError, describe_key_mismatch, load_checkpoint, strip_module_prefix
 from dino_simpool.models.backbones import VIT_ARCHS, Backbone, build_backbone
@@ -57,8 +58,6 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check the path; nothing was loaded)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types
