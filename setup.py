@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dino_simpool", "dino_simpool.*", "eval", "eval.*", "launch", "launch.*"]),
-    package_data={"launch": ["recipes/*.yaml", "templates/*"]},
+    package_data={"launch": ["recipes/*.yaml", "recipes/supervised/*.yaml", "templates/*"]},
     install_requires=[
         # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dino-simpool-train=dino_simpool.train:main",
+            "dino-simpool-supervised=dino_simpool.supervised.cli:main",
             "dino-simpool-knn=eval.knn:main",
             "dino-simpool-linear=eval.linear:main",
             "dino-simpool-launch=launch.slurm:main",

@@ -15,6 +15,10 @@ aspect ratio and are scaled down to a longest side of ``--max_size`` (480, as DI
 ``--image_size S`` asks for S x S. Each PNG is named by the image's path relative to the folder given
 (``a/x.png`` -> ``a__x.png``), so same-named images in different sub-folders do not overwrite each other.
 
+``--compare ckptA ckptB ...`` draws instead one picture, ``<output_dir>/compare.png``: input | each checkpoint's map
+([CLS] mean over blocks, or the pooling's attention), one row per image: the paper's "resolving the attention
+deficit" figure (``dino_simpool.attention_compare``).
+
 Library use (the demo): ``save_attention_pngs(model, images, out_dir, threshold=0.6)``.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dino_simpool.attention_compare import save_comparison
 from eval.discovery import cumulative_mass_mask
 from eval.maps import DEFAULT_MAX_SIZE, add_model_args, add_size_args, build_model, check_size_args, input_multiple, \
     list_images_named, model_device, model_input_size, to_tensor, unique_names
@@ -202,7 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", default=4, type=int, help="embedded images to use when --images is not given")
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
     p.add_argument("--combined", default=None, help="also write all pictures stacked into this one PNG")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="draw one side-by-side picture, <output_dir>/compare.png: input | each checkpoint's map "
+                        "([CLS] mean over blocks, or the pooling's attention); the model flags apply to each")
+    p.add_argument("--labels", nargs="+", default=None, help="--compare: one column title per checkpoint "
+                                                            "(default: the checkpoint's folder name)")
     return p
+
+
+def compare(args: argparse.Namespace, images, log=print) -> Path:
+    """``--compare``: every checkpoint through the same model flags, then one side-by-side picture."""
+    if args.labels is not None and len(args.labels) != len(args.compare):
+        raise ValueError(f"--labels gives {len(args.labels)} titles for {len(args.compare)} --compare checkpoints")
+    labels = args.labels or [Path(c).parent.name if Path(c).is_file() else Path(c).name for c in args.compare]
+    models = [(label, build_model(argparse.Namespace(**{**vars(args), "pretrained_weights": ck}), log))
+              for label, ck in zip(labels, args.compare)]
+    return save_comparison(models, images, Path(args.output_dir) / "compare.png", image_size=args.image_size)
 
 
 def main(argv=None) -> int:
@@ -214,11 +234,15 @@ def main(argv=None) -> int:
         if args.threshold is not None and not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold is a mass fraction in (0, 1]; got {args.threshold}")
         check_size_args(args)
-        model = build_model(args)
+        model = build_model(args) if not args.compare else None
         if args.images:
             images, names = map(list, zip(*list_images_named(args.images)))
         else:
             images, names = embedded_examples(args.num_images, args.synthetic_size)
+        if args.compare:
+            images = [Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im for im in images]
+            print(compare(args, images))
+            return 0
         paths = save_attention_pngs(model, images, args.output_dir, args.image_size, args.threshold, names,
                                     args.interpolation, max_size=args.max_size)
         if args.combined:

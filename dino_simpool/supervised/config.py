@@ -164,6 +164,15 @@ class SupervisedConfig:
     mixup_mode: str = option("batch", "--mixup-mode", type=str, choices=("batch", "pair", "elem"),
                           help="mixup parameters per batch, pair or element")
     mixup_off_epoch: int = option(0, "--mixup-off-epoch", type=int, help="turn mixup/cutmix off from this epoch (0 = never)")
+    aug_splits: int = option(0, "--aug-splits", type=int,
+                             help="augmentation splits (0 = off, else >= 2): each image is given once clean and "
+                                  "N-1 times augmented again (timm's AugMixDataset); with --jsd-loss / --split-bn")
+    jsd_loss: bool = option(False, "--jsd-loss", "--jsd", switch=True,
+                            help="Jensen-Shannon divergence over the splits + CE on the clean one (timm's "
+                                 "JsdCrossEntropy); needs --aug-splits")
+    split_bn: bool = option(False, "--split-bn", switch=True,
+                            help="separate BatchNorm statistics per split (timm's SplitBatchNorm2d; the checkpoints "
+                                 "keep the main ones under the usual keys); needs --aug-splits")
     model_ema: bool = option(False, "--model-ema", switch=True, embedded=True,
                           help="keep an EMA of the weights (timm ModelEmaV3), validated and saved as model_ema")
     model_ema_decay: float = option(0.9998, "--model-ema-decay", type=float, embedded=0.95, help="EMA decay per step")
@@ -252,6 +261,13 @@ class SupervisedConfig:
         if self.mixup_active and self.batch_size % 2:
             raise ValueError(f"mixup/cutmix pair each image with its mirror in the batch: --batch-size must be even; "
                              f"got {self.batch_size}")
+        if self.aug_splits not in (0,) and self.aug_splits < 2:
+            raise ValueError(f"--aug-splits must be 0 (off) or >= 2; got {self.aug_splits}")
+        if (self.jsd_loss or self.split_bn) and self.aug_splits < 2:
+            raise ValueError("--jsd-loss and --split-bn work on augmentation splits: add --aug-splits 3 (or 2)")
+        if self.aug_splits and self.mixup_active:
+            raise ValueError("--aug-splits cannot be combined with --mixup/--cutmix (mixing would pair images across "
+                             "the splits; timm refuses it too); drop one of them")
         if not 0.0 <= self.drop < 1.0 or not 0.0 <= (self.drop_path or 0.0) < 1.0:
             raise ValueError(f"--drop and --drop-path are rates in [0, 1); got {self.drop}, {self.drop_path}")
         if not 0.0 < self.crop_pct <= 1.0:

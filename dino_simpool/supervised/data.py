@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from PIL import Image
-from timm.data import Mixup, auto_augment, create_transform
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import AugMixDataset, Mixup, auto_augment, create_transform
+from timm.loss import JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import Sampler
 
@@ -25,12 +25,13 @@ from dino_simpool.supervised.config import SupervisedConfig
 
 
 def train_transform(cfg: SupervisedConfig):
-    """timm's training transform; a bad ``--aa`` policy string becomes a ValueError naming the flag."""
+    """timm's training transform (with ``--aug-splits``: its three parts, base / augmentation / normalise, for
+    ``AugSplits``); a bad ``--aa`` policy string becomes a ValueError naming the flag."""
     try:
         return _posterize_compat(create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
                                 hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
                                 interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode,
-                                re_count=cfg.recount))
+                                re_count=cfg.recount, separate=cfg.aug_splits > 0))
     except (AssertionError, KeyError, ValueError, IndexError) as e:  # timm's policy parsers assert
         raise ValueError(f"--aa {cfg.aa!r} / --train-interpolation {cfg.train_interpolation!r} is not a timm "
                          f"augmentation (e.g. --aa rand-m9-mstd0.5-inc1, --train-interpolation random): {e}") from None
@@ -48,7 +49,8 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 def _posterize_compat(transform):
     """Point every posterize op of timm's auto-augment policies in ``transform`` at :func:`_posterize`."""
-    for t in getattr(transform, "transforms", ()):
+    parts = transform if isinstance(transform, tuple) else (transform,)
+    for t in (t for part in parts for t in getattr(part, "transforms", ())):
         ops = list(getattr(t, "ops", ()))
         for sub in getattr(t, "policy", ()):  # AutoAugment: a list of sub-policies
             ops.extend(sub)
@@ -67,11 +69,23 @@ def eval_transform(cfg: SupervisedConfig):
         raise ValueError(f"--interpolation {cfg.interpolation!r}: {e}") from None
 
 
+class AugSplits(AugMixDataset):
+    """timm's AugMixDataset (item = (clean, augmented x N-1), label), passing the dataset's ``classes`` through."""
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+
 def build_datasets(cfg: SupervisedConfig) -> tuple[Any, Any]:
     """(train, val) datasets with their transforms: ImageFolders under ``--data-dir`` or the embedded dataset."""
     kw = dict(image_size=cfg.synthetic_size)
-    train = build_dataset(cfg.data_dir, "train", transform=train_transform(cfg), subset=cfg.subset,
+    tf = train_transform(cfg)
+    train = build_dataset(cfg.data_dir, "train", transform=None if cfg.aug_splits else tf, subset=cfg.subset,
                           images_per_class=cfg.synthetic_per_class, **kw)
+    if cfg.aug_splits:
+        train = AugSplits(train, num_splits=cfg.aug_splits)
+        train.transform = tf
     try:
         val = build_dataset(cfg.data_dir, "val", transform=eval_transform(cfg),
                             images_per_class=max(1, cfg.synthetic_per_class // 4), **kw)
@@ -131,8 +145,10 @@ def build_mixup(cfg: SupervisedConfig, num_classes: int) -> Mixup | None:
 
 
 def build_loss(cfg: SupervisedConfig) -> nn.Module:
-    """As timm's train.py: soft-target CE when mixing (the smoothing is in the mixed targets), else label-smoothing
-    CE, else plain CE."""
+    """As timm's train.py: JSD + CE over augmentation splits, soft-target CE when mixing (the smoothing is in the
+    mixed targets), else label-smoothing CE, else plain CE."""
+    if cfg.jsd_loss:
+        return JsdCrossEntropy(num_splits=cfg.aug_splits, smoothing=cfg.smoothing)
     if cfg.mixup_active:
         return SoftTargetCrossEntropy()
     if cfg.smoothing > 0:

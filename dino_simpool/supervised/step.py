@@ -46,13 +46,16 @@ class SupervisedStep:
         self.autocast = autocast_for(settings.precision, device)
         self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
 
-    def prepare(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixup/cutmix of the batch (timm's ``Mixup``: soft, smoothed targets), or the batch as it is."""
+    def prepare(self, images, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmentation splits (a list of N batches) -> one batch of N x B, split-major, labels repeated (as timm's
+        collate); then mixup/cutmix (timm's ``Mixup``: soft, smoothed targets), or the batch as it is."""
+        if isinstance(images, (list, tuple)):
+            images, targets = torch.cat(list(images)), targets.repeat(len(images))
         if self.mixup is not None:
             return self.mixup(images, targets)
         return images, targets
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, num_updates: int,
+    def __call__(self, images, targets: torch.Tensor, num_updates: int,
                  poison_loss: bool = False) -> torch.Tensor:
         """One iteration; ``num_updates`` is the count after this one (the EMA's step). Returns ``[loss,
         non-finite (0/1)]`` on the device, unread. ``poison_loss``: a NaN loss (a fault injected by tests)."""

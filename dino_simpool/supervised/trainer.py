@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
+from timm.layers import convert_splitbn_model
 from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
@@ -193,7 +194,10 @@ def build_run(cfg: SupervisedConfig, num_classes: int, niter: int, world: int, d
     if cfg.opt.lower() not in list_optimizers() and cfg.opt.lower().split("_")[-1] not in list_optimizers():
         raise ValueError(f"--opt {cfg.opt!r} is not a timm optimizer; e.g. sgd, adamw, lamb, lars "
                          f"(timm.optim.list_optimizers())")
-    model = build_classifier(cfg.backbone_kwargs(), num_classes, cfg.drop).to(device)
+    model = build_classifier(cfg.backbone_kwargs(), num_classes, cfg.drop)
+    if cfg.split_bn:  # in place: the Classifier itself is no BatchNorm
+        model = convert_splitbn_model(model, cfg.aug_splits)
+    model = model.to(device)
     lr = resolve_lr(cfg, world)
     kw: dict[str, Any] = {}
     if cfg.opt_eps is not None:
@@ -243,7 +247,9 @@ def run_epoch(run: Run, loader, cfg: SupervisedConfig, epoch: int, iter0: int, n
             seed_step(cfg.seed, rank, it)
             if run.scheduler is not None:
                 run.scheduler.step_update(num_updates=it)  # per-iteration schedules
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            images = ([im.to(device, non_blocking=True) for im in images] if isinstance(images, (list, tuple))
+                      else images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
             if hooks.before_step is not None:
                 hooks.before_step(it)
             stats = step(images, targets, it + 1, poison_loss=hooks.poison_loss is not None and hooks.poison_loss(it))
@@ -335,6 +341,20 @@ def nonfinite_message(loss: float, rank: int, epoch: int, i: int, niter: int, it
             f"fixes: --precision bf16 instead of fp16, --clip-grad 1.0, a lower --lr, or more --warmup-epochs.")
 
 
+AUX = "_aux_bn"
+
+
+def split_aux_bn(name: str, sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: the usual keys, name + "_aux_bn": the split BatchNorms' extra statistics}`` (the latter only with
+    ``--split-bn``): the evaluators read ``name`` as a plain model's state dict (the main BN statistics keep their
+    keys); resume merges both back."""
+    aux = {k: v for k, v in sd.items() if ".aux_bn." in k}
+    out = {name: {k: v for k, v in sd.items() if k not in aux}}
+    if aux:
+        out[name + AUX] = aux
+    return out
+
+
 class TrainState:
     """What a checkpoint holds (plain data only, read with ``weights_only=True``), and how a run resumes from it."""
 
@@ -351,12 +371,12 @@ class TrainState:
         if D.is_main_process():
             run = self.run
             scaler = run.step.scaler
-            state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            state = {**split_aux_bn("model", run.model.state_dict()), "optimizer": run.optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None, "epoch": int(next_epoch),
                      "iteration": int(iteration), "iter_in_epoch": int(iter_in_epoch), "config": self.config,
                      "best": dict(self.best), "metrics": metrics, "rng": rng}
             if run.ema is not None:
-                state["model_ema"] = run.ema.module.state_dict()
+                state.update(split_aux_bn("model_ema", run.ema.module.state_dict()))
             if also is not None:
                 save_atomic(state, self.ckpt.folder / also)
         self.ckpt.save(state, finished_epoch)
@@ -375,10 +395,11 @@ class TrainState:
         for name, net in nets:
             if name not in ck:
                 raise CheckpointError(f"{path} has no {name!r} (written without --model-ema?); {hint}")
-            mismatch = describe_key_mismatch(net.state_dict(), ck[name])
+            sd = {**ck[name], **(ck.get(f"{name}{AUX}") or {})}
+            mismatch = describe_key_mismatch(net.state_dict(), sd)
             if mismatch:
                 raise CheckpointError(f"{path} does not match the {name} built from these options:\n{mismatch}\n  {hint}")
-            net.load_state_dict(ck[name])
+            net.load_state_dict(sd)
         try:
             self.run.optimizer.load_state_dict(ck["optimizer"])
         except (ValueError, KeyError) as e:
