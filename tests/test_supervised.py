@@ -235,6 +235,49 @@ def test_label_smoothing_without_mixup_reaches_the_loss():
     assert type(plain.loss) is torch.nn.CrossEntropyLoss
 
 
+def test_aug_splits_and_jsd_reach_the_loss():
+    from timm.loss import JsdCrossEntropy
+    from dino_simpool.supervised.data import AugSplits, build_datasets
+    cfg, model, step = _step(["--aug-splits", "3", "--jsd-loss", "--smoothing", "0.1", "--mixup", "0"])
+    assert isinstance(step.loss, JsdCrossEntropy) and step.loss.num_splits == 3
+    train, _ = build_datasets(cfg)
+    assert isinstance(train, AugSplits) and len(train.classes) == 10
+    (clean, *aug), label = train[0]
+    assert len(aug) == 2 and clean.shape == aug[0].shape == (3, 32, 32) and not torch.equal(aug[0], aug[1])
+    xs, y = [torch.randn(8, 3, 32, 32) for _ in range(3)], torch.arange(8) % 10
+    loss = float(step([x.clone() for x in xs], y, 1)[0])
+    with torch.no_grad():
+        logits = model(torch.cat(xs))
+    assert loss == pytest.approx(float(JsdCrossEntropy(3, smoothing=0.1)(logits, y.repeat(3))), rel=1e-6)
+    assert abs(loss - float(LabelSmoothingCrossEntropy(0.1)(logits[:8], y))) > 1e-4  # the JSD term is in it
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["--model", "resnet_test", "--gp", "simpool", "--aug-splits", "3", "--jsd-loss", "--split-bn",
+                  "--mixup", "0", "--model-ema"], id="resnet-jsd-splitbn"),
+    pytest.param(["--model", "convnext_test", "--gp", "avg", "--precision", "bf16", "--clip-grad", "1.0"],
+                 id="convnext-bf16", marks=pytest.mark.slow),
+    pytest.param(TINY_VIT + ["--gp", "simpool", "--gamma", "None", "--amp"], id="vit-fp16", marks=pytest.mark.slow),
+])
+def test_other_backbones_and_precisions_train_and_load(tmp_path, args):
+    out = tmp_path / "run"
+    cnn = args[1] != "vit_tiny"
+    data = TINY_DATA + (["--synthetic-size", "64", "--img-size", "64"] if cnn else [])
+    assert main(data + TINY_OPT + args + ["--max-iters", "6", "--output", str(out)]) == 0
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert ck["iteration"] == 6 and ck["metrics"]["epoch"] == 0 and ck["metrics"]["val"]["images"] == 10
+    assert not any(".aux_bn." in k for k in ck["model"])  # plain keys for the evaluators
+    if "--split-bn" in args:
+        assert ck["model_aux_bn"] and all(".aux_bn." in k for k in ck["model_aux_bn"])
+        assert ck["model_ema_aux_bn"]
+    for key in ("model", "model_ema") if "--model-ema" in args else ("model",):
+        bb, rep = build_backbone_from_checkpoint(out / "checkpoint.pth", checkpoint_key=key)
+        assert rep["checkpoint_key"] == key and bb.config["pooling"] == ck["config"]["backbone"]["pooling"]
+    # and it resumes (the split BatchNorms' statistics come back from model_aux_bn)
+    assert main(data + TINY_OPT + args + ["--max-iters", "7", "--output", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 7
+
+
 def test_randaugment_and_erasing_in_the_training_transform():
     from dino_simpool.supervised.data import train_transform
     names = [type(t).__name__ for t in train_transform(parse_config(TINY)).transforms]
@@ -276,7 +319,7 @@ def test_ema_saved_and_evaluated(trained):
     val_loader = build_loaders(cfg, *build_datasets(cfg), 0, 1, False)[2]
     got = validate(ema, val_loader, torch.device("cpu"), nullcontext)
     assert got["top1"] == recs[-1]["val_ema"]["top1"] and got["images"] == len(val_set) == 10
-    assert ck["metrics"]["val_ema"] == recs[-1]["val_ema"]
+    assert ck["metrics"]["val_ema"] == recs[-1]["val_ema"] and ck["metrics"]["epoch"] == 1
     # evaluators pick either network: model (the default for a checkpoint without a teacher) or model_ema
     for key, part in ((None, "model"), ("teacher", "model"), ("model", "model"), ("model_ema", "model_ema")):
         bb, rep = build_backbone_from_checkpoint(out / "checkpoint.pth", **({} if key is None else
@@ -308,10 +351,15 @@ def test_no_ema_checkpoint_has_no_model_ema_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_bit_identical_mid_epoch_and_epoch_boundary(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [
+    pytest.param(TINY_VIT + ["--mixup", "0.5", "--cutmix", "1.0", "--reprob", "0.5", "--drop-path", "0.1",
+                             "--sched-on-updates"], id="vit-mixup-cutmix-erasing-droppath"),
+    pytest.param(["--model", "resnet_test", "--synthetic-size", "64", "--img-size", "64", "--mixup", "0",
+                  "--aug-splits", "3", "--jsd-loss", "--split-bn"], id="resnet-splits-jsd-splitbn"),
+])
+def test_resume_bit_identical_mid_epoch_and_epoch_boundary(tmp_path, capsys, extra):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    args = TINY + ["--model-ema", "--mixup", "0.5", "--cutmix", "1.0", "--reprob", "0.5", "--drop-path", "0.1",
-                   "--sched-on-updates"]
+    args = TINY_DATA + TINY_OPT + ["--gp", "simpool", "--model-ema"] + extra
     assert main(args + ["--output", str(ref)]) == 0
     assert main(args + ["--output", str(cut), "--max-iters", "3"]) == 0  # mid-epoch 0
     ck = load_checkpoint(cut / "checkpoint.pth")
@@ -322,7 +370,7 @@ def test_resume_bit_identical_mid_epoch_and_epoch_boundary(tmp_path, capsys):
     assert "at epoch 0 iteration 3" in out and "at epoch 1 iteration 5" in out
     a, b = load_checkpoint(ref / "checkpoint.pth"), load_checkpoint(cut / "checkpoint.pth")
     assert a["iteration"] == b["iteration"] == 10
-    assert _diff(a, b) == []
+    assert _diff(a, b, ("model", "model_ema", "model_aux_bn", "model_ema_aux_bn")) == []
     assert a["metrics"] == b["metrics"]
     # not vacuous: another seed gives other weights
     other = tmp_path / "other"

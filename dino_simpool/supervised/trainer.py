@@ -310,8 +310,8 @@ def end_epoch(run: Run, val_loader, cfg: SupervisedConfig, epoch: int, iteration
     if improved:
         state.best = {"top1": metric, "epoch": epoch, "network": "model_ema" if val_ema is not None else "model"}
     record["best"] = dict(state.best)
-    state.save(epoch + 1, 0, iteration, finished_epoch=epoch, also=BEST_NAME if improved else None,
-               metrics={"val": val, "val_ema": val_ema})
+    state.metrics = {"epoch": epoch, "val": val, "val_ema": val_ema}
+    state.save(epoch + 1, 0, iteration, finished_epoch=epoch, also=BEST_NAME if improved else None)
     return record
 
 
@@ -361,9 +361,10 @@ class TrainState:
     def __init__(self, run: Run, config: dict[str, Any], ckpt: Checkpointer):
         self.run, self.config, self.ckpt = run, config, ckpt
         self.best: dict[str, Any] = {"top1": None, "epoch": None, "network": None}
+        self.metrics: dict[str, Any] | None = None  # the last validation: {"epoch", "val", "val_ema"}
 
     def save(self, next_epoch: int, iter_in_epoch: int, iteration: int, finished_epoch: int | None = None,
-             also: str | None = None, metrics: dict | None = None) -> None:
+             also: str | None = None) -> None:
         """Every rank calls this (the RNG states are gathered); rank 0 writes ``also`` (the best checkpoint) first,
         then the resume point."""
         rng = gather_rng_state()
@@ -374,7 +375,7 @@ class TrainState:
             state = {**split_aux_bn("model", run.model.state_dict()), "optimizer": run.optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None, "epoch": int(next_epoch),
                      "iteration": int(iteration), "iter_in_epoch": int(iter_in_epoch), "config": self.config,
-                     "best": dict(self.best), "metrics": metrics, "rng": rng}
+                     "best": dict(self.best), "metrics": self.metrics, "rng": rng}
             if run.ema is not None:
                 state.update(split_aux_bn("model_ema", run.ema.module.state_dict()))
             if also is not None:
@@ -408,6 +409,7 @@ class TrainState:
         if self.run.step.scaler is not None and ck.get("scaler"):
             self.run.step.scaler.load_state_dict(ck["scaler"])
         self.best = dict(ck.get("best") or self.best)
+        self.metrics = ck.get("metrics")
         epoch, iter0, iteration = int(ck["epoch"]), int(ck["iter_in_epoch"]), int(ck["iteration"])
         if iteration != epoch * niter + iter0 or iter0 >= niter:
             raise CheckpointError(
