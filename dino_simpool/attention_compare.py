@@ -84,8 +84,8 @@ def compare_attention(models: Sequence[tuple[str, Backbone]], images: Sequence[I
     titles = [("input", "")] + [(label, map_title(m)) for label, m in models]
     for c, (label, what) in enumerate(titles):
         x = c * (panel + GAP)
-        draw.text((x + 2, 0), label[: panel // 6], fill=(0, 0, 0), font=font)
-        draw.text((x + 2, TITLE_H), what[: panel // 6], fill=(60, 60, 60), font=font)
+        draw.text((x + 2, 0), _fit(draw, label, panel - 4, font), fill=(0, 0, 0), font=font)
+        draw.text((x + 2, TITLE_H), _fit(draw, what, panel - 4, font), fill=(60, 60, 60), font=font)
     for label, model in models:
         model.eval()
     transforms = {id(m): create_transform(input_size(m, image_size), is_training=False, crop_pct=1.0,
@@ -104,6 +104,15 @@ def compare_attention(models: Sequence[tuple[str, Backbone]], images: Sequence[I
             up = F.interpolate(amap[None, None].cpu(), size=(panel, panel), mode="nearest")[0, 0].numpy()
             canvas.paste(Image.fromarray(colormap(_minmax(up))), (c * (panel + GAP), y))
     return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+    """``text``, shortened (with ``...``) until it is at most ``width`` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def save_comparison(models: Sequence[tuple[str, Backbone]], images: Sequence[Image.Image], path: str | Path,

@@ -309,6 +309,8 @@ def test_ema_saved_and_evaluated(trained):
     recs = [r for r in read_json_log(out / "log.txt") if "val_ema" in r]
     assert [r["epoch"] for r in recs] == [0, 1]
     assert ck["best"]["network"] == "model_ema"
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars beside the JSON lines
+    assert yaml.safe_load((out / "config.yaml").read_text())["model_ema"] is True
     # the logged EMA accuracy is the EMA weights' accuracy on val
     cfg = parse_config(TINY + ["--model-ema"])
     from dino_simpool.supervised.data import build_datasets, build_loaders
@@ -381,7 +383,7 @@ def test_resume_bit_identical_mid_epoch_and_epoch_boundary(tmp_path, capsys, ext
 @pytest.mark.slow
 def test_sigterm_mid_epoch_exit_75_and_resume_identical(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    args = TINY + ["--mixup", "0.5"]
+    args = TINY + ["--mixup", "0.5", "--sched-on-updates", "False"]  # the per-epoch schedule (the other test: updates)
     r = _run(args + ["--output_dir", str(ref)])
     assert r.returncode == 0, r.stderr
     r = _run(args + ["--output_dir", str(cut)], {"DINO_SIMPOOL_TEST_SIGNAL_AT": "6"})  # epoch 1, 2nd batch
@@ -533,3 +535,24 @@ def test_demo_trains_cls_and_simpool_and_draws_the_comparison(tmp_path):
     from PIL import Image
     pic = Image.open(out / "attention.png")
     assert pic.width == 3 * 128 + 2 * 4  # input | [CLS] | SimPool
+
+
+def test_launcher_submits_the_supervised_job(tmp_path):
+    """``dino-simpool-launch --job supervised``: the module, USR1 before the time limit (it saves and exits 75), and the
+    run folder as --output_dir (which the trainer takes as --output)."""
+    from launch.slurm import main as launch_main
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = launch_main(["--job", "supervised", "--gpus-per-node", "8", "--dry-run", "--", "--config",
+                          "launch/recipes/supervised/vit_small_simpool_gamma1.25_ep100.yaml", "--data-dir", "/d",
+                          "--output_dir", str(tmp_path / "run")])
+    script = buf.getvalue()
+    assert rc == 0
+    assert "-m dino_simpool.supervised" in script and "--signal=USR1@" in script
+    assert f"--output_dir {tmp_path / 'run'}" in script
+    # the flags the script passes parse as the trainer's
+    cfg = parse_config(["--config", "launch/recipes/supervised/vit_small_simpool_gamma1.25_ep100.yaml", "--data-dir",
+                        "/d", "--output_dir", str(tmp_path / "run"), "--backend", "gloo"])
+    assert cfg.output == str(tmp_path / "run") and cfg.backend == "gloo"

@@ -140,7 +140,7 @@ class SupervisedConfig:
                              help="scaling of --lr-base with the batch ('' = sqrt for Ada*/Lamb, else linear)")
     # --- schedule ---
     sched: str = option("cosine", "--sched", type=str, choices=SCHEDULERS, help="timm lr scheduler (create_scheduler_v2)")
-    sched_on_updates: bool = option(False, "--sched-on-updates", switch=True,
+    sched_on_updates: bool = option(False, "--sched-on-updates", switch=True, embedded=True,
                                  help="step the schedule every iteration instead of every epoch")
     epochs: int = option(300, "--epochs", type=int, embedded=10, help="training epochs (cooldown epochs added)")
     warmup_epochs: int = option(5, "--warmup-epochs", type=int, embedded=1, help="linear lr warm-up epochs")
@@ -304,10 +304,10 @@ class SupervisedConfig:
 
     def backbone_kwargs(self) -> dict[str, Any]:
         """``build_backbone`` arguments of this run's backbone."""
-        kw: dict[str, Any] = dict(arch=self.arch, pooling=self.pooling, gamma=self.gamma,
-                                  drop_path_rate=float(self.drop_path or 0.0))
+        kw: dict[str, Any] = dict(arch=self.arch, pooling=self.pooling, gamma=self.gamma, img_size=self.img_size,
+                                  drop_path_rate=float(self.drop_path or 0.0))  # img_size: CNNs only record it
         if self.family == "vit":
-            kw.update(patch_size=self.patch_size, img_size=self.img_size, depth=self.depth, embed_dim=self.embed_dim,
+            kw.update(patch_size=self.patch_size, depth=self.depth, embed_dim=self.embed_dim,
                       num_heads=self.num_heads, norm_order=self.resolved_norm_order())
         return kw
 
