@@ -17,7 +17,7 @@ setup(
     # repository root, `python -m eval.knn` keeps working: eval/ and launch/ import each other's modules relatively.
     packages=[*find_packages(include=["dino_simpool", "dino_simpool.*"]), "dino_simpool.eval", "dino_simpool.launch"],
     package_dir={"dino_simpool.eval": "eval", "dino_simpool.launch": "launch"},
-    package_data={"dino_simpool.launch": ["recipes/*.yaml", "templates/*"]},
+    package_data={"dino_simpool.launch": ["recipes/*.yaml", "recipes/supervised/*.yaml", "templates/*"]},
     install_requires=[
         # Floors only: pip on the reference machine is capped at torch<=2.14.1 / torchvision<=0.29.1.
         # Never add an upper pin below 2.14 (it resolves to a CPU build that no torchvision imports with).
@@ -39,6 +39,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dino-simpool-train=dino_simpool.train:main",
+            "dino-simpool-supervised=dino_simpool.supervised.cli:main",
             "dino-simpool-knn=dino_simpool.eval.knn:main",
             "dino-simpool-linear=dino_simpool.eval.linear:main",
             "dino-simpool-launch=dino_simpool.launch.slurm:main",

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dino_simpool.signals import EXIT_PREEMPTED
+
 
 def format_seconds(s: float) -> str:
     if not math.isfinite(s) or s < 0:
@@ -177,6 +179,19 @@ class Logger:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def log_stop(log: Logger, code: int, epoch: int, iteration: int, iter_in_epoch: int, path: Path, signame: str,
+             max_iters: int | None, niter: int | None = None, max_iters_flag: str = "--max_iters") -> None:
+    """The line and the log.txt event of a run that stopped early: by a signal (exit 75) or at ``max_iters``."""
+    preempted = code == EXIT_PREEMPTED
+    where = (f"at epoch {epoch} iteration {iteration} ({iter_in_epoch}/{niter} of the epoch)" if iter_in_epoch
+             else f"at the end of epoch {epoch - 1}" if preempted else f"at iteration {iteration}")
+    why = (f"signal {signame}" if preempted and iter_in_epoch else "a signal" if preempted
+           else f"{max_iters_flag} {max_iters}")
+    log.info(f"stopped by {why} {where}; saved {path}")
+    log.event({"event": "preempted" if preempted else "max_iters", "epoch": epoch, "iteration": iteration,
+               "iter_in_epoch": iter_in_epoch})
 
 
 def summarize(values: Iterable[float]) -> float:

@@ -1,6 +1,7 @@
 """The run's output folder: created and checked before any work, and locked so that two runs never share it.
 
-``RunLock`` takes an exclusive ``flock`` on ``<output_dir>/.lock`` (rank 0 only). The kernel releases it when the
+``RunLock`` takes an exclusive ``flock`` on ``<output_dir>/.lock`` (rank 0 only; ``lock_on_rank0`` tells every rank
+the outcome). The kernel releases it when the
 process ends, however it ends, so a crash leaves no stale lock to clean up. The file holds the holder's PID, host and
 start time, which a second run's error names. On network file systems flock is as good as the client's lock support
 (Linux NFS clients map it to POSIX locks).
@@ -12,6 +13,9 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
+
+from dino_simpool.signals import any_rank
 
 LOCK_NAME = ".lock"
 
@@ -82,3 +86,19 @@ def _read(fd: int) -> str:
     except OSError:
         text = ""
     return text or "holder unknown"
+
+
+def lock_on_rank0(lock: RunLock, main: bool, device: Any = "cpu") -> None:
+    """Rank 0 takes the output folder's lock; every rank learns the outcome at once and stops alike. ``device``: where
+    the one flag is reduced (the process group's device: NCCL reduces CUDA tensors only)."""
+    error = None
+    if main:
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = e
+    failed = any_rank([error is not None], device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise RunLockedError("rank 0 could not lock the output folder (another run holds it); see rank 0's message")

@@ -61,6 +61,7 @@ JOBS = {
     "train": ("dino_simpool.train", "--backend", True),
     "knn": ("eval.knn", "--dist_backend", False),
     "linear": ("eval.linear", "--backend", False),
+    "supervised": ("dino_simpool.supervised", "--backend", True),
 }
 EXIT_SAVED = 75
 _TIME_RE = re.compile(

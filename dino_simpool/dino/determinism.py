@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 
@@ -157,6 +158,15 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def gather_rng_state() -> dict:
+    """Every rank's ``get_rng_state()`` (a collective: every rank calls it), for the checkpoint."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"world_size": 1, "per_rank": [get_rng_state()]}
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, get_rng_state())
+    return {"world_size": dist.get_world_size(), "per_rank": states}
 
 
 class rng_isolated:

@@ -16,7 +16,6 @@ Reads like DINO's ``train_dino``; the parts have homes of their own: ``build.py`
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dino_simpool import distributed as D
@@ -34,7 +32,7 @@ from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
 from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, optimizer_options, place, unwrap
-from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, get_rng_state, rng_isolated,
+from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, gather_rng_state, rng_isolated,
                                            seed_all, seed_step, set_rng_state)
 from dino_simpool.dino.loss import DINOLoss
 from dino_simpool.dino.optim import apply_schedules, build_optimizer, param_groups
@@ -42,8 +40,8 @@ from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr
 from dino_simpool.dino.step import DINOStep, StepSettings, agree
 from dino_simpool.dino.summary import EpochSums, log_epoch, nonfinite_message
 from dino_simpool.evaluation.knn import knn_accuracy
-from dino_simpool.logs import Logger, Progress, format_seconds
-from dino_simpool.rundir import RunLock, RunLockedError, prepare_output_dir
+from dino_simpool.logs import Logger, Progress, format_seconds, log_stop
+from dino_simpool.rundir import RunLock, lock_on_rank0, prepare_output_dir
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
 from dino_simpool.watchdog import PeerWatchdog
 
@@ -87,7 +85,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
         watchdog = PeerWatchdog.for_process_group(timeout=PEER_TIMEOUT_S)
         finished = False
         try:
-            _lock_on_rank0(lock, env.is_main)
+            lock_on_rank0(lock, env.is_main, D.device_for(env))
             code = _train(cfg, env, hooks, stop)
             finished = True
             return code
@@ -99,21 +97,6 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
         lock.release()
         if own_flag:
             stop.restore()
-
-
-def _lock_on_rank0(lock: RunLock, main: bool) -> None:
-    """Rank 0 takes the output folder's lock; every rank learns the outcome at once and stops alike."""
-    error = None
-    if main:
-        try:
-            lock.acquire()
-        except RunLockedError as e:
-            error = e
-    failed = agree(torch.tensor([float(error is not None)]))
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RunLockedError("rank 0 could not lock --output_dir (another run holds it); see rank 0's message")
 
 
 def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag) -> int:
@@ -191,7 +174,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
             if hooks.on_epoch_end is not None and main:
                 hooks.on_epoch_end(record)
             if stop_code is not None:
-                _log_stop(log, stop_code, epoch + 1, iteration, 0, ckpt.path, stop.name, cfg.max_iters)
+                log_stop(log, stop_code, epoch + 1, iteration, 0, ckpt.path, stop.name, cfg.max_iters)
                 return stop_code
         if hooks.on_train_end is not None:
             hooks.on_train_end(unwrap(teacher), rank)
@@ -251,23 +234,12 @@ def run_epoch(step: DINOStep, loader, sched: "Schedules", cfg: TrainConfig, epoc
                 if i + 1 < niter:  # mid-epoch: save here; the resumed run continues at this iteration
                     progress.close()
                     state.save(epoch, i + 1, iteration)
-                    _log_stop(log, code, epoch, iteration, i + 1, state.ckpt.path, stop.name, cfg.max_iters, niter)
+                    log_stop(log, code, epoch, iteration, i + 1, state.ckpt.path, stop.name, cfg.max_iters, niter)
                     raise Stop(code)
                 return sums, iteration, code
         return sums, iteration, None
     finally:
         progress.close()
-
-
-def _log_stop(log: Logger, code: int, epoch: int, iteration: int, iter_in_epoch: int, path: Path, signame: str,
-              max_iters: int | None, niter: int | None = None) -> None:
-    preempted = code == EXIT_PREEMPTED
-    where = (f"at epoch {epoch} iteration {iteration} ({iter_in_epoch}/{niter} of the epoch)" if iter_in_epoch
-             else f"at the end of epoch {epoch - 1}" if preempted else f"at iteration {iteration}")
-    why = f"signal {signame}" if preempted and iter_in_epoch else "a signal" if preempted else f"--max_iters {max_iters}"
-    log.info(f"stopped by {why} {where}; saved {path}")
-    log.event({"event": "preempted" if preempted else "max_iters", "epoch": epoch, "iteration": iteration,
-               "iter_in_epoch": iter_in_epoch})
 
 
 # ---------------------------------------------------------------------------------------------------- parts
@@ -318,7 +290,7 @@ class TrainState:
         self.config, self.ckpt = config, ckpt
 
     def save(self, next_epoch: int, iter_in_epoch: int, iteration: int, finished_epoch: int | None = None) -> None:
-        rng = _gather_rng()
+        rng = gather_rng_state()
         state = None
         if D.is_main_process():
             scaler = self.step.scaler
@@ -371,15 +343,6 @@ class TrainState:
         log.event({"event": "resume", "epoch": epoch, "iteration": iteration, "iter_in_epoch": iter0,
                    "path": str(path)})
         return epoch, iter0, iteration
-
-
-def _gather_rng() -> dict:
-    state = get_rng_state()
-    if not D.is_dist():
-        return {"world_size": 1, "per_rank": [state]}
-    states: list[Any] = [None] * D.get_world_size()
-    dist.all_gather_object(states, state)
-    return {"world_size": D.get_world_size(), "per_rank": states}
 
 
 def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device) -> dict[str, Any]:

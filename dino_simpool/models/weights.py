@@ -85,6 +85,10 @@ def _select_state_dict(obj: Any, checkpoint_key: str | None) -> tuple[dict[str, 
         return sd, checkpoint_key
     if _is_state_dict(obj):
         return obj, None
+    if checkpoint_key in STATE_DICT_KEYS:  # asked for by name (e.g. model_ema): no fallback to another network
+        present = [k for k in STATE_DICT_KEYS if k in obj and _is_state_dict(obj[k])]
+        raise CheckpointError(f"the checkpoint has no {checkpoint_key!r} entry (a run without --model-ema has no "
+                              f"model_ema); choose --checkpoint_key from {present or sorted(map(str, obj))[:20]}")
     for key in STATE_DICT_KEYS:
         if key in obj and _is_state_dict(obj[key]):
             return obj[key], key
