@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dino_simpool.data.folder import scan_images
 from eval.boxes import check_gt_boxes, load_boxes_cub, load_boxes_json, load_boxes_voc
 from eval.maps import DEFAULT_MAX_SIZE, IMG_SUFFIXES, input_multiple, model_device, model_input_size, to_tensor
 
@@ -61,7 +62,7 @@ def folder_json_samples(data_path, boxes_file) -> list[BoxSample]:
     if not root.is_dir():
         raise _data_error(f"--data_path {root} is not a folder")
     boxes = load_boxes_json(boxes_file)  # DataError naming the file and key
-    images = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+    images = sorted(map(Path, scan_images(root, IMG_SUFFIXES)[0]))  # links followed once, each image once
     if not images:
         raise _data_error(f"--data_path {root} has no images")
     out, missing = [], []

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dino_simpool.data.folder import scan_images
 from dino_simpool.dino.config import float_or_none
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,7 +93,7 @@ def list_images_named(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, tuple[str, ...]]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+            files = sorted(map(Path, scan_images(p, IMG_SUFFIXES)[0]))  # links followed once, each image once
             if not files:
                 raise ValueError(f"{p} has no images ({', '.join(IMG_SUFFIXES)})")
             found += [(f, f.relative_to(p).parts) for f in files]
