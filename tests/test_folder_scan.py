@@ -326,3 +326,39 @@ def test_scan_class_folders_api(tmp_path):
     classes, per_class, report = scan_class_folders(tmp_path)
     assert classes == ["a", "b"] and [len(f) for f in per_class] == [3, 3] and report.skipped == 0
     assert report.summary() == ""
+
+
+# ------------------------------------------------------------------------------------------------------ the trainer
+TINY_TRAIN = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8",
+              "--batch_size_per_gpu", "4", "--num_workers", "0", "--global_crops_size", "32", "--local_crops_size",
+              "16", "--local_crops_number", "2", "--out_dim", "64", "--epochs", "1", "--warmup_epochs", "0",
+              "--warmup_teacher_temp_epochs", "0", "--optimizer", "adamw", "--lr", "5e-4", "--min_lr", "1e-6"]
+
+
+def _export(root: Path, split: str) -> None:
+    from dino_simpool.data import SyntheticShapes
+
+    SyntheticShapes(split, image_size=32, images_per_class=2, num_classes=2).export_imagefolder(root)
+
+
+def test_trainer_periodic_knn_on_a_class_folder_root_says_what_to_pass(tmp_path, capsys):
+    from dino_simpool.train import main
+
+    _export(tmp_path / "imagenet", "train")
+    rc = main(TINY_TRAIN + ["--data_path", str(tmp_path / "imagenet" / "train"), "--eval_every", "1",
+                            "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "folder of class folders" in err and "train/ and val/" in err and "--eval_every 0" in err
+
+
+@pytest.mark.slow
+def test_trainer_runs_dinos_command_line_layout(tmp_path):
+    """DINO's README: --data_path /path/to/imagenet/train, here with the periodic k-NN off."""
+    from dino_simpool.train import main
+
+    _export(tmp_path / "imagenet", "train")
+    out = tmp_path / "run"
+    rc = main(TINY_TRAIN + ["--data_path", str(tmp_path / "imagenet" / "train"), "--eval_every", "0",
+                            "--max_iters", "1", "--output_dir", str(out)])
+    assert rc == 0 and (out / "checkpoint.pth").is_file()
