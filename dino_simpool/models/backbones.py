@@ -411,9 +411,10 @@ class CNNBackbone(Backbone):
         kwargs: dict[str, Any] = dict(num_classes=0, drop_path_rate=config["drop_path_rate"])
         if family == "resnet":
             kwargs["zero_init_last"] = False  # torchvision / official init
-        elif family == "convnext":
-            kwargs["head_hidden_size"] = None  # convnext_*_mlp's pre-logits MLP belongs to the removed classifier
         self.encoder = timm.create_model(timm_name, pretrained=False, **kwargs)
+        head = getattr(self.encoder, "head", None)
+        if family == "convnext" and not isinstance(getattr(head, "pre_logits", nn.Identity()), nn.Identity):
+            head.pre_logits = nn.Identity()  # convnext_*_mlp's pre-logits MLP belongs to the removed classifier
         self.embed_dim = self.encoder.num_features
         self.patch_size = int(self.encoder.feature_info[-1]["reduction"])
         if family == "convnext":  # its 2x2 downsampling convolutions need every stage at least 2 px wide
