@@ -203,3 +203,18 @@ def test_convnext_mlp_head_is_dropped():
     assert count_parameters(ref.head.pre_logits) > 0
     assert count_parameters(m) == count_parameters(ref) - count_parameters(ref.head.pre_logits)
     assert m.embed_dim == 1536 == ref.head.norm.normalized_shape[0]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                                  "wide_resnet50_2", "convnext_base", "convnext_large"])
+def test_foreign_checkpoints_name_their_arch(name):
+    """weights.infer_config tells DINO's torchvision ResNets and timm's ConvNeXts apart from the keys and shapes
+    (a ResNet-101 checkpoint was read as a ResNet-50 before, and failed to load)."""
+    from dino_simpool.models.weights import infer_config
+
+    with torch.device("meta"):
+        sd = timm.create_model(name, pretrained=False).state_dict()
+    assert infer_config(sd)["arch"] == name
+    with pytest.raises(ValueError, match="ResNet variant"):
+        infer_config({k: v for k, v in sd.items() if not k.startswith("layer3.")} if "resnet" in name else
+                     {"layer4.0.conv1.weight": torch.zeros(1)})
