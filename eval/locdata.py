@@ -48,10 +48,11 @@ def _open(path: Path) -> Callable[[], Image.Image]:
     return load
 
 
-def embedded_samples(split: str = "val", image_size: int = 64, per_class: int | None = None) -> list[BoxSample]:
+def embedded_samples(split: str = "val", image_size: int = 64, per_class: int | None = None,
+                     layout: str = "default") -> list[BoxSample]:
     from dino_simpool.data import SyntheticShapes
 
-    ds = SyntheticShapes(split, image_size=image_size, images_per_class=per_class)
+    ds = SyntheticShapes(split, image_size=image_size, images_per_class=per_class, layout=layout)
     per = ds.images_per_class
     return [BoxSample(f"{split}/{ds.classes[i // per]}/{i % per:05d}.png", [list(b) for b in ds.boxes[i]],
                       (lambda i=i: ds.image(i))) for i in range(len(ds))]
