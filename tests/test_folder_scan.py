@@ -362,3 +362,29 @@ def test_trainer_runs_dinos_command_line_layout(tmp_path):
     rc = main(TINY_TRAIN + ["--data_path", str(tmp_path / "imagenet" / "train"), "--eval_every", "0",
                             "--max_iters", "1", "--output_dir", str(out)])
     assert rc == 0 and (out / "checkpoint.pth").is_file()
+
+
+def test_knn_folder_check_reads_through_the_same_helpers(tmp_path, monkeypatch):
+    """eval.knn's early check: linked class folders count, hidden ones do not, an unreadable split is one clear
+    ValueError (simulated with a PermissionError from os.scandir, as in test_unreadable_subfolder_simulated)."""
+    from eval.knn import check_imagefolder
+
+    store = tmp_path / "store"
+    make_tree(store, classes=("cat", "dog"), top=1, nested=0)
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        os.symlink(store / "cat", root / split / "cat")
+    (root / "val" / ".cache").mkdir()  # hidden: not a class
+    check_imagefolder(root)
+    real_scandir = os.scandir
+    locked = str(root / "val")
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder_mod.os, "scandir", scandir)
+    with pytest.raises(ValueError, match="cannot read .*val"):
+        check_imagefolder(root)

@@ -376,7 +376,7 @@ class IndexedDataset:
 SPLIT_NAMES = ("train", "val")
 
 
-def _subfolders(path: str) -> list[str] | None:
+def list_subfolders(path: str | os.PathLike) -> list[str] | None:
     """Sorted non-hidden sub-folder names of ``path`` (links to folders included); None if it is no readable folder."""
     try:
         with os.scandir(path) as it:
@@ -408,7 +408,7 @@ def resolve_split_root(data_path: str | os.PathLike, split: str) -> str:
     classes): rename it in that case.
     """
     data_path = os.fspath(data_path)
-    split_dirs = [s for s in SPLIT_NAMES if _subfolders(os.path.join(data_path, s))]
+    split_dirs = [s for s in SPLIT_NAMES if list_subfolders(os.path.join(data_path, s))]
     if split_dirs:
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
@@ -416,7 +416,7 @@ def resolve_split_root(data_path: str | os.PathLike, split: str) -> str:
                             f"class folders in it, so it is read as a root of splits (<data_path>/train/<class>/"
                             f"*.jpg, <data_path>/val/<class>/*.jpg); add the '{split}/' split, or pass a folder of "
                             f"class folders (--data_path /path/to/imagenet/train) for training alone")
-        others = [d for d in _subfolders(data_path) or [] if d not in (*SPLIT_NAMES, "test")
+        others = [d for d in list_subfolders(data_path) or [] if d not in (*SPLIT_NAMES, "test")
                   and _has_image_files(os.path.join(data_path, d))]
         if others:
             logger.warning("%s has both split folders (%s) and folders with images in them (%s%s): reading %s as the "
