@@ -120,17 +120,19 @@ def test_link_to_another_class_image_counts_under_its_real_class(tmp_path, caplo
     n = make_tree(root)
     # cat_a (scanned first) links to an image of cat_c: the image stays cat_c's, the link is a skipped duplicate
     os.symlink("../../cat_c/0.png", root / "cat_a" / "sub" / "zz_from_c.png")
-    os.link(root / "cat_b" / "1.png", root / "cat_a" / "hard_from_b.png")  # a hard link: the same file too
+    # a chain of links, through a linked folder, to an image of cat_b
+    os.symlink("../cat_b", root / "cat_a" / "b_link")                     # (a duplicate folder itself)
+    os.symlink("../b_link/1.png", root / "cat_a" / "sub" / "chain_1.png")
+    os.symlink("chain_1.png", root / "cat_a" / "sub" / "chain_2.png")
     with caplog.at_level(logging.WARNING):
         ds = SafeImageFolder(root)
-    assert len(ds) == n and Counter(ds.targets) == {0: 12, 1: 10, 2: 11}  # b/1.png's first real name is in cat_a
+    assert len(ds) == n and Counter(ds.targets) == {0: 11, 1: 11, 2: 11}
     paths = {p: ds.classes[k] for p, k in ds.samples}
-    assert paths[str(root / "cat_c" / "0.png")] == "cat_c" and str(root / "cat_a" / "sub" / "zz_from_c.png") not in paths
-    # two real (hard-linked) names: the first in scan order wins, once
-    assert str(root / "cat_a" / "hard_from_b.png") in paths and str(root / "cat_b" / "1.png") not in paths
-    assert ds.scan_report.counts["duplicates"] == 2
+    assert paths[str(root / "cat_c" / "0.png")] == "cat_c" and paths[str(root / "cat_b" / "1.png")] == "cat_b"
+    assert not any(name in p for p in paths for name in ("zz_from_c", "chain_", "b_link"))
+    assert ds.scan_report.counts["duplicates"] == 4
     msgs = warnings_of(caplog)
-    assert len(msgs) == 1 and "2 duplicate" in msgs[0] and "zz_from_c.png" in msgs[0]
+    assert len(msgs) == 1 and "4 duplicate" in msgs[0] and "same file as" in msgs[0]
 
 
 def test_links_to_files_and_folders_outside_the_root_are_followed_once(tmp_path, caplog):
@@ -388,3 +390,30 @@ def test_knn_folder_check_reads_through_the_same_helpers(tmp_path, monkeypatch):
     monkeypatch.setattr(folder_mod.os, "scandir", scandir)
     with pytest.raises(ValueError, match="cannot read .*val"):
         check_imagefolder(root)
+
+
+def test_order_is_os_walks_on_trees_without_loops_or_duplicates(tmp_path):
+    """Where os.walk(followlinks=True) is right (no loop, no image reached twice), the scan returns its images in
+    its order: links to files sorted among the plain files, linked folders among the sub-folders."""
+    root = tmp_path / "ds"
+    outside = tmp_path / "outside"
+    for j in (1, 3):
+        _png(root / "a" / f"{j}.png")
+        _png(root / "a" / "m" / f"{j}.png")
+    for j in (0, 2, 4):
+        _png(outside / f"f{j}.png")
+        _png(outside / "tree" / f"{j}.png")
+        _png(outside / "tree" / "deep" / f"{j}.png")
+    os.symlink(outside / "f0.png", root / "a" / "0.png")        # sorts before 1.png
+    os.symlink(outside / "f2.png", root / "a" / "2.png")        # between 1.png and 3.png
+    os.symlink(outside / "f4.png", root / "a" / "m" / "2.png")
+    os.symlink(outside / "tree", root / "a" / "l_tree")         # a linked folder between m/ and z/
+    _png(root / "a" / "z" / "0.png")
+    _png(root / "a" / "m" / "sub" / "0.png")
+    expected = []
+    for dirpath, dirnames, filenames in os.walk(root / "a", followlinks=True):
+        dirnames.sort()
+        expected += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    classes, per_class, report = scan_class_folders(root)
+    assert classes == ["a"] and report.skipped == 0
+    assert per_class[0] == expected and len(expected) == 4 + 3 + 6 + 2

@@ -14,6 +14,7 @@ import os
 import stat
 from collections import deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from PIL import Image
 
@@ -48,6 +49,7 @@ def _normalize_subset(subset):
 # ----------------------------------------------------------------------------------------------------------------
 # The one folder scanner (every dataset and evaluator that reads a folder of images goes through it)
 _EXAMPLES = 3  # paths kept per kind of skipped entry, for the warning
+_FOLDER_ORDER = itemgetter(0, 1)
 SKIP_KINDS = ("loops", "duplicates", "unreadable", "broken")
 
 
@@ -56,7 +58,7 @@ class ScanReport:
     """What a scan skipped, by kind: a count and the first few paths of each.
 
     * ``loops``: links to a folder that contains them (``cat/loop -> ..``), or links that resolve to themselves;
-    * ``duplicates``: an image or folder reached a second time (through a link, a hard link or a bind mount);
+    * ``duplicates``: an image or folder reached a second time (through a link or a bind mount);
     * ``unreadable``: folders that could not be listed (permissions, I/O errors);
     * ``broken``: links whose target does not exist.
     """
@@ -79,7 +81,7 @@ class ScanReport:
         if not self.skipped:
             return ""
         what = {"loops": "link loop(s) (a link to a folder that contains it)",
-                "duplicates": "duplicate(s) (an image or folder reached again through a link or hard link)",
+                "duplicates": "duplicate(s) (an image or folder reached again through a link)",
                 "unreadable": "unreadable folder(s)", "broken": "broken link(s)"}
         parts = [f"{self.counts[k]} {what[k]}, e.g. {'; '.join(self.examples[k])}" for k in SKIP_KINDS
                  if self.counts[k]]
@@ -93,23 +95,30 @@ class _Scanner:
 
     Written here rather than using ``os.walk(followlinks=True)`` / torchvision's ``make_dataset``: both re-enter a
     link loop until the path gets too long (exponential in the number of loops) and count an image reached by two
-    paths twice. Every real folder is listed once, tracked by ``(st_dev, st_ino)``, so the work and the memory are
-    bounded by the number of real folders and files. The real (link-free) trees of all labels are walked first and
-    the folders behind links after them, so an image or folder that is reachable both directly and through a link
-    is kept where it really lies. Names starting with ``.`` are skipped. The returned order is ``os.walk``'s
-    (pre-order, a folder's files sorted by name before its sub-folders sorted by name), independent of the links.
+    paths twice. Every real folder is listed once, tracked by ``(st_dev, st_ino)``, and every image by its real path,
+    so the work and the memory are bounded by the number of real folders and files. The real (link-free) trees of
+    all labels are walked first and the folders behind links after them, so an image or folder that is reachable
+    both directly and through a link is kept where it really lies. Names starting with ``.`` are skipped. The
+    returned order is ``os.walk``'s (pre-order, a folder's files sorted by name before its sub-folders sorted by
+    name), independent of the links.
+
+    Cost: one ``lstat`` per folder and a few system calls per link; none per plain image file (``os.scandir``'s
+    file types come with the listing), which matters on network file systems. So two hard links to one file are two
+    images here (telling them apart would take a ``stat`` per image).
     """
 
     def __init__(self, root: str, extensions: tuple[str, ...]):
         self.extensions = tuple(e.lower() for e in extensions)
         self.report = ScanReport(root)
         self.visited: set[tuple[int, int]] = set()
-        # (st_dev, st_ino) of an image -> (through a link?, label, order key, path): the best path seen so far
-        self.files: dict[tuple[int, int], tuple[bool, int, tuple, str]] = {}
         self.pending: deque[tuple[str, tuple[str, ...], int]] = deque()  # folders behind links, walked last
+        self._real_dirs: dict[str, str] = {}  # realpath of the folders that links point into
+        # the images found, per folder: (label, folder below the label's top, reached through a link?, folder as
+        # reached, its real path, sorted names); folder None: names holds one (real path, path) pair
+        self.folders: list[tuple] = []
 
     def mark_visited(self, path: str) -> tuple[int, int] | None:
-        """Mark a top folder (the root, a class folder) as listed; None (and a duplicate) if it already was."""
+        """Mark a top folder (the root, a class folder) as listed; None if it already was."""
         st = os.stat(path)
         key = (st.st_dev, st.st_ino)
         if key in self.visited:
@@ -119,38 +128,43 @@ class _Scanner:
 
     def walk(self, top: str, label: int, parts: tuple[str, ...] = (), linked: bool = False) -> str | None:
         """Add the images under ``top`` (already marked visited) to ``label``; the error if ``top`` is unreadable."""
-        stack = [(top, parts, os.stat(top).st_dev)]
+        stack = [(top, parts, os.path.realpath(top))]
         failed = None
+        exts = self.extensions
         while stack:
-            folder, rel, dev = stack.pop()
+            folder, rel, real = stack.pop()
             try:
                 with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    entries = list(it)
             except OSError as e:
                 why = e.strerror or type(e).__name__
                 self.report.add("unreadable", folder, why)
                 if folder == top:
                     failed = f"{folder}: {why}"
                 continue
+            names = []
             for e in entries:
-                if e.name.startswith("."):
+                name = e.name
+                if name[0] == ".":
                     continue
                 try:
-                    if e.is_symlink():
-                        self._link(e.path, rel + (e.name,), label)
-                    elif e.is_dir(follow_symlinks=False):
+                    if e.is_dir(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
                         key = (st.st_dev, st.st_ino)
                         if key in self.visited:  # a bind mount of a folder already listed
                             self.report.add("duplicates", e.path, "folder listed before")
                             continue
                         self.visited.add(key)
-                        stack.append((e.path, rel + (e.name,), st.st_dev))
-                    elif self._is_image(e.name) and e.is_file(follow_symlinks=False):
-                        # a regular file lies on its folder's device; inode() comes free with the listing
-                        self._add((dev, e.inode()), e.path, rel + (e.name,), label, linked)
+                        stack.append((e.path, rel + (name,), os.path.join(real, name)))
+                    elif e.is_symlink():
+                        self._link(e.path, real, rel + (name,), label)
+                    elif name.lower().endswith(exts) and e.is_file(follow_symlinks=False):
+                        names.append(name)
                 except OSError as err:
                     self.report.add("unreadable", e.path, err.strerror or type(err).__name__)
+            if names:  # plain files: no system call each, the file type came with the listing
+                names.sort()
+                self.folders.append((label, rel, linked, folder, real, names))
         return failed
 
     def drain(self) -> None:
@@ -167,7 +181,8 @@ class _Scanner:
                 continue
             self.walk(path, label, parts, linked=True)
 
-    def _link(self, path: str, parts: tuple[str, ...], label: int) -> None:
+    def _link(self, path: str, real_folder: str, parts: tuple[str, ...], label: int) -> None:
+        """A link at ``path`` in the real folder ``real_folder``: a folder is queued, an image added."""
         try:
             st = os.stat(path)
         except OSError as e:
@@ -176,36 +191,84 @@ class _Scanner:
             return
         if stat.S_ISDIR(st.st_mode):
             target = os.path.realpath(path)
-            here = os.path.realpath(os.path.dirname(path))
-            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            if real_folder == target or real_folder.startswith(target.rstrip(os.sep) + os.sep):
                 self.report.add("loops", path, f"-> {os.readlink(path)}")
             elif (st.st_dev, st.st_ino) in self.visited:
                 self.report.add("duplicates", path, f"-> {os.readlink(path)}, a folder listed before")
             else:
                 self.pending.append((path, parts, label))
         elif stat.S_ISREG(st.st_mode) and self._is_image(os.path.basename(path)):
-            self._add((st.st_dev, st.st_ino), path, parts, label, linked=True)
+            self._add(self._real_file(os.path.join(real_folder, os.readlink(path))), path, parts, label)
+
+    def _real_file(self, target: str) -> str:
+        """The real path of a link's target: its folder's realpath (memoised: links tend to point into few
+        folders), plus its name unless that is a link again."""
+        folder, name = os.path.split(target)
+        real = self._real_dirs.get(folder)
+        if real is None:
+            real = self._real_dirs[folder] = os.path.realpath(folder)
+        path = os.path.join(real, name)
+        return os.path.realpath(path) if os.path.islink(path) else path
 
     def _is_image(self, name: str) -> bool:
         return name.lower().endswith(self.extensions)
 
-    def _add(self, key, path: str, parts: tuple[str, ...], label: int, linked: bool) -> None:
-        # os.walk's order: a folder's files (sorted) come before its sub-folders (sorted)
-        order = tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
-        new = (linked, label, order, path)
-        old = self.files.get(key)
-        if old is None:
-            self.files[key] = new
-            return
-        keep, drop = (new, old) if new[:3] < old[:3] else (old, new)  # the real file first, then scan order
-        self.files[key] = keep
-        self.report.add("duplicates", drop[3], f"same file as {keep[3]}")
+    def _add(self, real: str, path: str, parts: tuple[str, ...], label: int) -> None:
+        """One image reached through a link to a file (``parts``: its path below the label's top)."""
+        folder, name = os.path.split(path)
+        real_folder, real_name = os.path.split(real)
+        if real_name != name:  # the link's name and its target's differ: keep the pair as it is
+            self.folders.append((label, parts[:-1], True, None, None, [(real, path)]))
+        else:
+            self.folders.append((label, parts[:-1], True, folder, real_folder, [name]))
+
+    @staticmethod
+    def _pairs(entry) -> list[tuple[str, str]]:
+        """[(real path, path as reached)] of a folder entry of ``self.folders``."""
+        _, _, _, folder, real, names = entry
+        if folder is None:
+            return names
+        at = folder if folder.endswith(os.sep) else folder + os.sep
+        in_real = real if real.endswith(os.sep) else real + os.sep
+        return [(in_real + n, at + n) for n in names]
+
+    def _kept_links(self) -> dict[str, str]:
+        """real path -> the one path kept, for the images reached through links (plain files are unique: every real
+        folder is listed once). A real file beats a link to it; among links, the first in os.walk order wins."""
+        linked = [e for e in self.folders if e[2]]
+        if not linked:
+            return {}
+        direct = {real: path for e in self.folders if not e[2] for real, path in self._pairs(e)}
+        found = sorted(((e[0], e[1], os.path.basename(path)), real, path) for e in linked for real, path in self._pairs(e))
+        kept: dict[str, str] = {}
+        for _, real, path in found:
+            first = direct.get(real) or kept.get(real)
+            if first is None:
+                kept[real] = path
+            else:
+                self.report.add("duplicates", path, f"same file as {first}")
+        return kept
 
     def by_label(self, n_labels: int) -> list[list[str]]:
-        out: list[list[tuple]] = [[] for _ in range(n_labels)]
-        for _, label, order, path in self.files.values():
-            out[label].append((order, path))
-        return [[p for _, p in sorted(items)] for items in out]
+        """Images per label in ``os.walk`` order: folders sorted by their path below the label's top (a folder
+        before its sub-folders), each folder's files by name; each real file once."""
+        kept = self._kept_links()
+        out: list[list[str]] = [[] for _ in range(n_labels)]
+        folders = sorted(self.folders, key=_FOLDER_ORDER)  # stable: a folder's entries stay together
+        i = 0
+        while i < len(folders):
+            label, rel = folders[i][:2]
+            j = i + 1
+            while j < len(folders) and folders[j][0] == label and folders[j][1] == rel:
+                j += 1
+            if j - i == 1 and not folders[i][2]:  # the common case: one folder of plain files, already sorted
+                out[label].extend(path for _, path in self._pairs(folders[i]))
+            else:  # links to files beside plain files: os.walk sorts them all by name
+                paths = [path for k in range(i, j) for real, path in self._pairs(folders[k])
+                         if not folders[k][2] or kept.get(real) == path]
+                out[label].extend(sorted(paths, key=os.path.basename))
+            i = j
+        return out
 
 
 def scan_images(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS,
@@ -219,9 +282,10 @@ def scan_images(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTEN
     if failed:
         raise DataError(f"cannot read the folder {failed}; fix its permissions")
     scanner.drain()
+    images = scanner.by_label(1)[0]  # counts the duplicates too
     if warn and scanner.report.skipped:
         logger.warning("%s", scanner.report.summary())
-    return scanner.by_label(1)[0], scanner.report
+    return images, scanner.report
 
 
 def scan_class_folders(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS,
@@ -263,9 +327,10 @@ def scan_class_folders(root: str | os.PathLike, extensions: tuple[str, ...] = IM
         if failed:
             raise DataError(f"cannot read the class folder {failed}; fix its permissions or remove the folder")
     scanner.drain()
+    per_class = scanner.by_label(len(classes))  # counts the duplicates too
     if warn and report.skipped:
         logger.warning("%s", report.summary())
-    return classes, scanner.by_label(len(classes)), report
+    return classes, per_class, report
 
 
 class SafeImageFolder:
