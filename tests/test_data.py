@@ -1,7 +1,9 @@
 import colorsys
+import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ from PIL import Image
 
 from dino_simpool.data import (SHAPES, DataError, IndexedDataset, SafeImageFolder, SyntheticShapes, build_dataset,
                                load_boxes_json)
+from dino_simpool.data.synthetic import sample_grid
+from eval.localization import max_box_acc_v2
+from eval.locdata import embedded_samples
 
 
 
@@ -268,8 +273,6 @@ def test_synthetic_render_cache_changes_nothing_but_time():
 # ------------------------------------------------------------------------------------------------ layouts
 def _default_digest():
     """sha256 over a few default-layout renders (pixels, label, box) and boxes, at three sizes and both splits."""
-    import hashlib
-
     h = hashlib.sha256()
     for split, size, ipc in (("train", 64, 200), ("val", 32, 50), ("val", 96, 3)):
         ds = SyntheticShapes(split, image_size=size, images_per_class=ipc)
@@ -292,10 +295,6 @@ def test_default_layout_is_bit_identical():
 
 def test_docs_sample_grid_is_unchanged():
     """docs/images/synthetic_grid.png (the README's picture) is redrawn pixel for pixel."""
-    from pathlib import Path
-
-    from dino_simpool.data.synthetic import sample_grid
-
     png = Path(__file__).resolve().parents[1] / "docs" / "images" / "synthetic_grid.png"
     drawn = np.asarray(sample_grid(SyntheticShapes("train", image_size=64, images_per_class=4)).convert("RGB"))
     assert np.array_equal(drawn, np.asarray(Image.open(png).convert("RGB")))
@@ -351,8 +350,6 @@ def test_cluttered_layout_export_round_trip(tmp_path):
 def test_centre_prior_scores_low_on_the_cluttered_layout():
     """A centred Gaussian map (sigma = a quarter of the side, as benchmarks/localization.py's centre-prior row)
     through eval.localization's MaxBoxAccV2: high on the default layout, low on the cluttered one."""
-    from eval.localization import max_box_acc_v2
-
     size = 32
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     centre = np.exp(-(((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (2 * (size / 4) ** 2)))
@@ -365,8 +362,6 @@ def test_centre_prior_scores_low_on_the_cluttered_layout():
     assert scores["default"] > 40
     assert scores["cluttered"] < 10 and scores["cluttered"] < scores["default"] / 4
     # the evaluators' embedded samples take the layout too
-    from eval.locdata import embedded_samples
-
     samples = embedded_samples("val", size, 2, layout="cluttered")
     ds = SyntheticShapes("val", image_size=size, images_per_class=2, layout="cluttered")
     assert [s.boxes for s in samples] == ds.boxes and np.array_equal(np.asarray(samples[3].load()), ds.render(3)[0])

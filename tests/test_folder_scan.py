@@ -5,8 +5,10 @@ sub-folders are skipped, and one warning counts what was skipped; the same scann
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -15,9 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_simpool.data import DataError, SafeImageFolder, build_dataset
+from dino_simpool.data import DataError, SafeImageFolder, SyntheticShapes, build_dataset
 from dino_simpool.data import folder as folder_mod
 from dino_simpool.data.folder import resolve_split_root, scan_class_folders, scan_images
+from dino_simpool.train import main
+from eval.knn import check_imagefolder
+from eval.locdata import folder_json_samples
+from eval.maps import list_images_named
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -178,9 +184,6 @@ def test_linked_class_folders_work_and_a_duplicate_class_is_refused(tmp_path):
 def test_unreadable_subfolder_chmod():
     """A real chmod 000 folder, scanned in a child process. Root reads through chmod 000, so as root the child drops
     to the ``nobody`` user (uid/gid 65534) after its imports; the tree then lies in a world-readable temp folder."""
-    import shutil
-    import tempfile
-
     base = Path(tempfile.mkdtemp(prefix="dino_simpool_chmod_"))
     try:
         base.chmod(0o755)
@@ -242,9 +245,6 @@ def test_unreadable_subfolder_simulated(tmp_path, caplog, monkeypatch):
 def test_evaluators_read_folders_through_the_same_scan(tmp_path, caplog):
     """eval.maps (attention maps) and eval.locdata (localization, discovery) list each image once and follow links
     to folders (pathlib's rglob listed a linked image twice and skipped a linked folder)."""
-    from eval.locdata import folder_json_samples
-    from eval.maps import list_images_named
-
     root = tmp_path / "ds"
     n = make_tree(root, classes=("a", "b"))
     outside = tmp_path / "elsewhere"
@@ -338,14 +338,10 @@ TINY_TRAIN = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_
 
 
 def _export(root: Path, split: str) -> None:
-    from dino_simpool.data import SyntheticShapes
-
     SyntheticShapes(split, image_size=32, images_per_class=2, num_classes=2).export_imagefolder(root)
 
 
 def test_trainer_periodic_knn_on_a_class_folder_root_says_what_to_pass(tmp_path, capsys):
-    from dino_simpool.train import main
-
     _export(tmp_path / "imagenet", "train")
     rc = main(TINY_TRAIN + ["--data_path", str(tmp_path / "imagenet" / "train"), "--eval_every", "1",
                             "--output_dir", str(tmp_path / "run")])
@@ -357,8 +353,6 @@ def test_trainer_periodic_knn_on_a_class_folder_root_says_what_to_pass(tmp_path,
 @pytest.mark.slow
 def test_trainer_runs_dinos_command_line_layout(tmp_path):
     """DINO's README: --data_path /path/to/imagenet/train, here with the periodic k-NN off."""
-    from dino_simpool.train import main
-
     _export(tmp_path / "imagenet", "train")
     out = tmp_path / "run"
     rc = main(TINY_TRAIN + ["--data_path", str(tmp_path / "imagenet" / "train"), "--eval_every", "0",
@@ -369,8 +363,6 @@ def test_trainer_runs_dinos_command_line_layout(tmp_path):
 def test_knn_folder_check_reads_through_the_same_helpers(tmp_path, monkeypatch):
     """eval.knn's early check: linked class folders count, hidden ones do not, an unreadable split is one clear
     ValueError (simulated with a PermissionError from os.scandir, as in test_unreadable_subfolder_simulated)."""
-    from eval.knn import check_imagefolder
-
     store = tmp_path / "store"
     make_tree(store, classes=("cat", "dog"), top=1, nested=0)
     root = tmp_path / "data"

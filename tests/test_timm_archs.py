@@ -11,6 +11,7 @@ import torch
 
 from dino_simpool.models import build_backbone, count_parameters
 from dino_simpool.models.backbones import FAMILY_TITLES, arch_family, list_archs, resolve_arch
+from dino_simpool.models.weights import infer_config
 
 
 @pytest.fixture(autouse=True)
@@ -210,8 +211,6 @@ def test_convnext_mlp_head_is_dropped():
 def test_foreign_checkpoints_name_their_arch(name):
     """weights.infer_config tells DINO's torchvision ResNets and timm's ConvNeXts apart from the keys and shapes
     (a ResNet-101 checkpoint was read as a ResNet-50 before, and failed to load)."""
-    from dino_simpool.models.weights import infer_config
-
     with torch.device("meta"):
         sd = timm.create_model(name, pretrained=False).state_dict()
     assert infer_config(sd)["arch"] == name

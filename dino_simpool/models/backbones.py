@@ -1,4 +1,5 @@
-"""Backbones on timm models with a pluggable pooling: ViT (tiny/small/base), ResNet (18/50) and ConvNeXt (tiny/small).
+"""Backbones on timm models with a pluggable pooling: the named archs (DINO's ViT-T/S/B, ViT-L, ResNet-18/50,
+ConvNeXt-T/S) and any timm model of the ViT/DeiT, ResNet/ResNeXt and ConvNeXt families (``resolve_arch``).
 
 ``build_backbone(arch, pooling="simpool", ...)`` returns a :class:`Backbone` whose ``forward(x)`` is the pooled
 embedding (B, d). Where the pooling sits (SimPool paper, self-supervised code):
@@ -12,6 +13,10 @@ embedding (B, d). Where the pooling sits (SimPool paper, self-supervised code):
 * ResNet: the pooling replaces global average pooling on the layer4 map; no norm after. SimPool keeps PyTorch's
   default Linear init and has no beta, as the official ResNet.
 * ConvNeXt: the pooling runs on the stage-4 map, then the head's final LayerNorm (official: ``norm(GAP)``).
+* timm names (``deit_small_patch16_224``, ``resnet101``, ``convnext_base``, ``timm/<name>[.tag]``): timm builds the
+  network without weights, with its classifier, its own pooling and ``fc_norm`` removed (ConvNeXt: also the
+  ``_mlp`` models' pre-logits layer); the pooling then attaches exactly as above. Distilled DeiTs are refused
+  (their distillation token only serves DeiT's teacher), and so are other timm families.
 
 The state dict is ``encoder.*`` (the timm model, timm key names) plus ``pool.*`` (the pooling module, e.g.
 ``pool.wq.weight``): strip ``encoder.`` to get a timm state dict.
