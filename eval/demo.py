@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_knn = time.perf_counter()
     before = knn_top1(teacher0.backbone, cfg)
     t_knn = time.perf_counter() - t_knn
-    print(f"[demo] random init: k-NN top-1 " + ", ".join(f"k={k}: {v:.1f}%" for k, v in before.items()), flush=True)
+    print("[demo] random init: k-NN top-1 " + ", ".join(f"k={k}: {v:.1f}%" for k, v in before.items()), flush=True)
 
     t_train = time.perf_counter()
     rc = train(cfg)

@@ -18,6 +18,7 @@ from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CheckpointError
 from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
 from dino_simpool.data import build_dataset
+from dino_simpool.data.folder import list_subfolders
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.evaluation.features import extract_features
 from dino_simpool.evaluation.knn import BACKENDS, DEFAULT_KS, check_ks, knn_classify, l2_normalize
@@ -92,16 +93,25 @@ def check_imagefolder(root: str | os.PathLike) -> None:
         if not d.is_dir():
             raise ValueError(f"--data_path {root} has no '{split}/' folder; expected ImageFolder layout "
                              f"{root}/{{train,val}}/<class>/<image>")
-        classes = [c for c in d.iterdir() if c.is_dir()]
+        classes = list_subfolders(d)  # OSError-safe, links to folders included, hidden names skipped
+        if classes is None:
+            raise ValueError(f"cannot read {d}; fix its permissions")
         if not classes:
             raise ValueError(f"{d} is empty: it needs one sub-folder per class with images in it")
-        if not any(f.is_file() for c in classes for f in c.iterdir()):
+        if not any(list_subfolders(d / c) or _has_files(d / c) for c in classes):
             raise ValueError(f"{d} has class folders but no images in any of them")
-    train_cls = {c.name for c in (root / "train").iterdir() if c.is_dir()}
-    extra = sorted(c.name for c in (root / "val").iterdir() if c.is_dir() and c.name not in train_cls)
+    train_cls = set(list_subfolders(root / "train"))
+    extra = sorted(c for c in list_subfolders(root / "val") if c not in train_cls)
     if extra:
         raise ValueError(f"val class(es) {extra[:5]} are not train classes; k-NN can only predict train classes "
                          f"(fix the val folder or add the class to train)")
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return any(f.is_file() for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def remap_val_labels(train_classes: Sequence[str], val_classes: Sequence[str], val_labels: torch.Tensor) -> torch.Tensor:

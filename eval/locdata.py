@@ -29,6 +29,7 @@ from PIL import Image
 from dino_simpool.checkpoint import CheckpointError
 from dino_simpool.cli import print_error
 from dino_simpool.data import DataError, SyntheticShapes
+from dino_simpool.data.folder import scan_images
 from dino_simpool.evaluation.features import model_device
 from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, input_multiple, model_input_size, to_tensor
 from dino_simpool.models.backbones import Backbone
@@ -52,8 +53,9 @@ def _open(path: Path) -> Callable[[], Image.Image]:
     return load
 
 
-def embedded_samples(split: str = "val", image_size: int = 64, per_class: int | None = None) -> list[BoxSample]:
-    ds = SyntheticShapes(split, image_size=image_size, images_per_class=per_class)
+def embedded_samples(split: str = "val", image_size: int = 64, per_class: int | None = None,
+                     layout: str = "default") -> list[BoxSample]:
+    ds = SyntheticShapes(split, image_size=image_size, images_per_class=per_class, layout=layout)
     per = ds.images_per_class
     return [BoxSample(f"{split}/{ds.classes[i // per]}/{i % per:05d}.png", [list(b) for b in ds.boxes[i]],
                       (lambda i=i: ds.image(i))) for i in range(len(ds))]
@@ -64,7 +66,7 @@ def folder_json_samples(data_path, boxes_file) -> list[BoxSample]:
     if not root.is_dir():
         raise DataError(f"--data_path {root} is not a folder")
     boxes = load_boxes_json(boxes_file)  # DataError naming the file and key
-    images = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+    images = sorted(map(Path, scan_images(root, IMG_SUFFIXES)[0]))  # links followed once, each image once
     if not images:
         raise DataError(f"--data_path {root} has no images")
     out, missing = [], []

@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 
 from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, unique_names
+from dino_simpool.data.folder import scan_images
 
 IMG_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAP_CHOICES = ("auto", "pool", "heads_mean", "mean_blocks")
@@ -50,7 +51,7 @@ def list_images_named(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, tuple[str, ...]]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_SUFFIXES)
+            files = sorted(map(Path, scan_images(p, IMG_SUFFIXES)[0]))  # links followed once, each image once
             if not files:
                 raise ValueError(f"{p} has no images ({', '.join(IMG_SUFFIXES)})")
             found += [(f, f.relative_to(p).parts) for f in files]

@@ -1,7 +1,9 @@
 import colorsys
+import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ from PIL import Image
 
 from dino_simpool.data import (SHAPES, DataError, IndexedDataset, SafeImageFolder, SyntheticShapes, build_dataset,
                                load_boxes_json)
+from dino_simpool.data.synthetic import sample_grid
+from eval.localization import max_box_acc_v2
+from eval.locdata import embedded_samples
 
 
 
@@ -263,3 +268,100 @@ def test_synthetic_render_cache_changes_nothing_but_time():
     clone = pickle.loads(pickle.dumps(cached))
     assert clone._cache == {} and clone._cached_bytes == 0 and np.array_equal(np.asarray(clone[0][0]),
                                                                                np.asarray(cached[0][0]))
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+def _default_digest():
+    """sha256 over a few default-layout renders (pixels, label, box) and boxes, at three sizes and both splits."""
+    h = hashlib.sha256()
+    for split, size, ipc in (("train", 64, 200), ("val", 32, 50), ("val", 96, 3)):
+        ds = SyntheticShapes(split, image_size=size, images_per_class=ipc)
+        for i in (0, 1, 17, len(ds) - 1):
+            img, c, box = ds.render(i)
+            h.update(img.tobytes())
+            h.update(repr((c, box)).encode())
+        h.update(repr(ds.boxes[:5]).encode())
+    return h.hexdigest()
+
+
+def test_default_layout_is_bit_identical():
+    """The digest was computed with this same function on main before the cluttered layout existed (commit
+    8f8f4dd); the default layout's images and boxes must not move by one bit."""
+    assert _default_digest() == "a71a9af5413b21b11b2473c6ff16e9a7eaad84caf93e165ff0a31bc07d269cc2"
+    assert SyntheticShapes("val").layout == "default"
+    assert repr(SyntheticShapes("val", image_size=32)) == ("SyntheticShapes(split='val', image_size=32, "
+                                                           "images_per_class=50, num_classes=10, seed=0)")
+
+
+def test_docs_sample_grid_is_unchanged():
+    """docs/images/synthetic_grid.png (the README's picture) is redrawn pixel for pixel."""
+    png = Path(__file__).resolve().parents[1] / "docs" / "images" / "synthetic_grid.png"
+    drawn = np.asarray(sample_grid(SyntheticShapes("train", image_size=64, images_per_class=4)).convert("RGB"))
+    assert np.array_equal(drawn, np.asarray(Image.open(png).convert("RGB")))
+
+
+def test_cluttered_layout_objects_anywhere_with_exact_boxes():
+    ds = SyntheticShapes("val", image_size=64, images_per_class=20, layout="cluttered")
+    again = SyntheticShapes("val", image_size=64, images_per_class=20, layout="cluttered")
+    plain = SyntheticShapes("val", image_size=64, images_per_class=20)
+    assert ds.targets == plain.targets and ds.classes == plain.classes and "cluttered" in repr(ds)
+    centres, areas = [], []
+    for i in range(len(ds)):
+        img, c, box = ds.render(i)
+        assert np.array_equal(img, again.render(i)[0]) and c == plain.targets[i]
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and ds.boxes[i] == [box]
+        ys, xs = np.nonzero(ds.coverage(i) > 0.5)  # the box is the tight box of the object pixels
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+        centres.append(((x0 + x1) / 2 / 64, (y0 + y1) / 2 / 64))
+        areas.append((x1 - x0) * (y1 - y0) / 64 ** 2)
+    centres, areas = np.array(centres), np.array(areas)
+    plain_b = np.array([b[0] for b in plain.boxes]) / 64
+    plain_centres = np.stack([(plain_b[:, 0] + plain_b[:, 2]) / 2, (plain_b[:, 1] + plain_b[:, 3]) / 2], 1)
+    plain_areas = (plain_b[:, 2] - plain_b[:, 0]) * (plain_b[:, 3] - plain_b[:, 1])
+    print(f"box centre std (x, y): cluttered {centres.std(0).round(3)}, default {plain_centres.std(0).round(3)}; "
+          f"median box area: cluttered {np.median(areas):.3f}, default {np.median(plain_areas):.3f} of the image")
+    # positions spread over the image, objects smaller and of more varied size than in the default layout
+    assert centres.min() < 0.2 and centres.max() > 0.8
+    assert (centres.std(0) > 1.5 * plain_centres.std(0)).all()
+    assert np.median(areas) < 0.5 * np.median(plain_areas) and areas.max() / areas.min() > 5
+    # clutter: far more of the background differs from a smooth field (edges away from the object)
+    def bg_edges(d, i):
+        g = d.render(i)[0].astype(np.float32).mean(2)
+        e = np.abs(np.diff(g, axis=1))
+        return float((e[d.coverage(i)[:, 1:] < 0.01] > 20).mean())
+    assert np.mean([bg_edges(ds, i) for i in range(0, 200, 10)]) > 3 * np.mean([bg_edges(plain, i)
+                                                                                for i in range(0, 200, 10)])
+    with pytest.raises(ValueError, match="layout"):
+        SyntheticShapes("val", layout="messy")
+    e = build_dataset(None, "val", image_size=32, images_per_class=2, layout="cluttered")
+    assert e.layout == "cluttered" and len(e) == 20
+
+
+def test_cluttered_layout_export_round_trip(tmp_path):
+    ds = SyntheticShapes("val", image_size=32, images_per_class=2, num_classes=3, layout="cluttered")
+    boxes = load_boxes_json(ds.export_imagefolder(tmp_path))
+    back = SafeImageFolder(tmp_path / "val")
+    for i in range(len(ds)):
+        assert np.array_equal(np.asarray(back[i][0]), ds.render(i)[0])
+        assert boxes[os.path.relpath(back.samples[i][0], tmp_path).replace(os.sep, "/")] == ds.boxes[i]
+
+
+def test_centre_prior_scores_low_on_the_cluttered_layout():
+    """A centred Gaussian map (sigma = a quarter of the side, as benchmarks/localization.py's centre-prior row)
+    through eval.localization's MaxBoxAccV2: high on the default layout, low on the cluttered one."""
+    size = 32
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    centre = np.exp(-(((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (2 * (size / 4) ** 2)))
+    scores = {}
+    for layout in ("default", "cluttered"):
+        ds = SyntheticShapes("val", image_size=size, images_per_class=20, layout=layout)
+        scores[layout] = max_box_acc_v2([centre] * len(ds), ds.boxes, [(size, size)] * len(ds))["maxboxaccv2"]
+    print(f"centre prior MaxBoxAccV2 (val, {size} px, 200 images): default {scores['default']:.1f}, "
+          f"cluttered {scores['cluttered']:.1f}")
+    assert scores["default"] > 40
+    assert scores["cluttered"] < 10 and scores["cluttered"] < scores["default"] / 4
+    # the evaluators' embedded samples take the layout too
+    samples = embedded_samples("val", size, 2, layout="cluttered")
+    ds = SyntheticShapes("val", image_size=size, images_per_class=2, layout="cluttered")
+    assert [s.boxes for s in samples] == ds.boxes and np.array_equal(np.asarray(samples[3].load()), ds.render(3)[0])

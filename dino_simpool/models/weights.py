@@ -325,6 +325,40 @@ def _config_from_json(path: Path) -> dict | None:
     raise CheckpointError(f"{path} has no backbone config (expected a 'backbone' object or an 'arch' key)")
 
 
+# torchvision / timm ResNets (DINO's torchvision names): (blocks per stage, bottleneck?, layer1.0.conv2 weight
+# (out, in / groups), deep stem?) -> arch
+_RESNET_BY_SHAPE = {
+    ((1, 1, 1, 1), False, (32, 32), True): "resnet_test",
+    ((2, 2, 2, 2), False, (64, 64), False): "resnet18",
+    ((3, 4, 6, 3), False, (64, 64), False): "resnet34",
+    ((3, 4, 6, 3), True, (64, 64), False): "resnet50",
+    ((3, 4, 23, 3), True, (64, 64), False): "resnet101",
+    ((3, 8, 36, 3), True, (64, 64), False): "resnet152",
+    ((3, 4, 6, 3), True, (128, 4), False): "resnext50_32x4d",
+    ((3, 4, 23, 3), True, (256, 8), False): "resnext101_32x8d",
+    ((3, 4, 23, 3), True, (256, 4), False): "resnext101_64x4d",
+    ((3, 4, 6, 3), True, (128, 128), False): "wide_resnet50_2",
+    ((3, 4, 23, 3), True, (128, 128), False): "wide_resnet101_2",
+}
+# ConvNeXt: (blocks in stage 2, stem width) -> arch
+_CONVNEXT_BY_SHAPE = {(9, 96): "convnext_tiny", (27, 96): "convnext_small", (27, 128): "convnext_base",
+                      (27, 192): "convnext_large", (27, 256): "convnext_xlarge", (4, 24): "convnext_test"}
+
+
+def _resnet_arch(sd: dict[str, torch.Tensor]) -> str:
+    keys = set(sd)
+    try:
+        blocks = tuple(1 + max(int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")) for i in range(1, 5))
+        conv2 = tuple(int(v) for v in sd["layer1.0.conv2.weight"].shape[:2])
+    except (KeyError, ValueError):
+        raise ValueError("cannot tell the ResNet variant from the checkpoint keys: pass arch= (--arch)") from None
+    arch = _RESNET_BY_SHAPE.get((blocks, "layer1.0.conv3.weight" in keys, conv2, "conv1.0.weight" in keys))
+    if arch is None:
+        raise ValueError(f"cannot tell the ResNet variant from the checkpoint (blocks per stage {blocks}): pass "
+                         f"arch= (--arch, the timm name)")
+    return arch
+
+
 def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Best-effort ``build_backbone`` kwargs from a foreign state dict (wrappers stripped). A ViT of non-standard
     width gives no ``arch`` (pass ``arch=`` and ``num_heads=``); unknown layouts raise ValueError. CNN gamma is not
@@ -360,18 +394,12 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
             raise ValueError("ViT checkpoint without a class token or SimPool keys: pass pooling=")
         return cfg
     if "layer4.0.conv1.weight" in keys or any(k.startswith("layer4.") for k in keys):
-        if "conv1.0.weight" in keys:
-            arch = "resnet_test"
-        elif "layer1.0.conv3.weight" in keys:
-            arch = "resnet50"
-        else:
-            arch = "resnet18"
-        cfg = dict(arch=arch)
+        cfg = dict(arch=_resnet_arch(sd))
     elif any(k.startswith(("downsample_layers.", "stem.", "stages.")) for k in keys):
         timm_keys = {_fb_convnext_to_timm(k) for k in keys}
         n_stage2 = len({k.split(".")[3] for k in timm_keys if k.startswith("stages.2.blocks.")})
         width = next((int(v.shape[0]) for k, v in sd.items() if _fb_convnext_to_timm(k) == "stem.0.weight"), None)
-        arch = {(9, 96): "convnext_tiny", (27, 96): "convnext_small", (4, 24): "convnext_test"}.get((n_stage2, width))
+        arch = _CONVNEXT_BY_SHAPE.get((n_stage2, width))
         if arch is None:
             raise ValueError("cannot tell the ConvNeXt variant from the checkpoint: pass arch= (--arch)")
         cfg = dict(arch=arch)
