@@ -150,7 +150,7 @@ def test_yaml_unknown_key_and_bad_value(tmp_path):
     (["--epochs", "20", "--warmup_epochs", "2", "--data_path", "/d", "--preset", "simpool"],
      "warmup_teacher_temp_epochs"),
     (["--epochs", "1"], "warmup_epochs"),  # embedded defaults: 2 warm-up epochs
-    (["--arch", "resnet34"], "--arch must be one of"),
+    (["--arch", "efficientnet_b0"], "--arch must be one of"),  # a timm family that is not supported
     (["--subset", "0"], "subset"),
     (["--momentum_teacher", "1.5"], "momentum_teacher"),
     (["--gamma", "-1"], "gamma"),
@@ -218,3 +218,21 @@ def test_all_paper_recipes_present():
             "convnext_small_simpool_nogamma_ep100", "convnext_small_official_ep100"} <= names
 
 
+
+
+def test_any_timm_backbone_trains_from_the_command_line():
+    """issue 13 §2: timm names of the supported families reach the trainer; a ViT name carries its patch size."""
+    from dino_simpool.dino.build import build_student_teacher
+
+    for arch, family_patch in (("resnet34", None), ("timm/convnext_atto", None), ("vit_tiny_patch16_224", 16),
+                               ("vit_small_patch8_224", 8)):
+        cfg = parse_config(["--arch", arch, "--data_path", "/tmp/unused", "--out_dim", "16"])
+        if family_patch is not None:
+            assert cfg.patch_size == family_patch
+    cfg = parse_config(["--arch", "resnet34", "--data_path", "/tmp/unused", "--out_dim", "16"])
+    student, _ = build_student_teacher(cfg)
+    assert student.backbone.config["arch"] == "resnet34"
+    with pytest.raises(ValueError, match="supported"):
+        parse_config(["--arch", "efficientnet_b0", "--data_path", "/tmp/unused"])
+    with pytest.raises(ValueError, match="patch size 8"):
+        parse_config(["--arch", "vit_small_patch8_224", "--patch_size", "14", "--data_path", "/tmp/unused"])

@@ -11,7 +11,9 @@ models), and under ``--preset simpool`` the pooling defaults to simpool (officia
 """
 from __future__ import annotations
 
+
 import dataclasses
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,18 @@ def _family(arch: str) -> str:
         return arch_family(arch)
     except ValueError as e:
         raise ValueError(f"--arch must be one of the supported architectures ({e})") from None
+
+
+def _patch_of(arch: str, patch_size: int) -> int:
+    """A timm ViT name carries its patch size (``vit_small_patch8_224``): it replaces the default 16; another
+    explicit ``--patch_size`` contradicts the name."""
+    m = re.search(r"_patch(\d+)", arch)
+    if m is None or int(m.group(1)) == patch_size:
+        return patch_size
+    if patch_size != 16:
+        raise ValueError(f"--arch {arch} has patch size {m.group(1)}, but --patch_size {patch_size} was given; leave "
+                         f"--patch_size out")
+    return int(m.group(1))
 
 
 def _niceness(v: int | None) -> str | None:
@@ -211,6 +225,7 @@ class TrainConfig:
         self.gamma = resolve_gamma(self.gamma, family)
         if self.drop_path_rate is None:
             self.drop_path_rate = DROP_PATH_DEFAULTS[family]
+        self.patch_size = _patch_of(self.arch, self.patch_size)
         check_fields(self)
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup_epochs ({self.warmup_epochs}) must be <= --epochs ({self.epochs}); pass a "
