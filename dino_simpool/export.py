@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from dino_simpool.models.backbones import CONVNEXT_ARCHS, RESNET_ARCHS, VIT_ARCHS, arch_family, build_backbone
+from dino_simpool.models.backbones import VIT_ARCHS, arch_family, build_backbone, resolve_arch
 from dino_simpool.models.weights import (build_backbone_from_checkpoint, fb_convnext_to_timm, read_checkpoint,
                                          timm_convnext_to_fb)
 from dino_simpool.pooling import SimPool
@@ -129,8 +129,12 @@ def timm_spec(config: dict[str, Any], layout: str = "auto") -> dict[str, Any]:
     arch, pooling = config["arch"], config["pooling"]
     layout = resolve_layout(config, layout)
     kwargs: dict[str, Any] = {}
-    if arch in VIT_ARCHS:
-        name, pass_patch = _vit_timm_name(arch, config["patch_size"])
+    spec = resolve_arch(arch)
+    if spec.family == "vit":
+        if spec.vit_cfg is not None:  # a named arch: this project's ViT settings on timm's model
+            name, pass_patch = _vit_timm_name(arch, config["patch_size"])
+        else:  # a timm model name: timm builds exactly that model
+            name, pass_patch = spec.timm_name, False
         if pass_patch:
             kwargs["patch_size"] = config["patch_size"]
         if config.get("img_size", 224) != 224:
@@ -155,9 +159,9 @@ def timm_spec(config: dict[str, Any], layout: str = "auto") -> dict[str, Any]:
                        "pooled vector" if ssl else "runs on the final-norm patch tokens (no norm after)"))
         if config.get("compat") == "official":
             note += "; compat='official': position embeddings resampled as the official code (not timm's)"
-    elif arch in RESNET_ARCHS or arch in CONVNEXT_ARCHS:
-        name = RESNET_ARCHS.get(arch) or CONVNEXT_ARCHS[arch]
-        convnext = arch in CONVNEXT_ARCHS
+    elif spec.family in ("resnet", "convnext"):
+        name = spec.timm_name
+        convnext = spec.family == "convnext"
         if pooling == "gap":
             note = "global average pooling" + (", then head.norm" if convnext else "")
         else:

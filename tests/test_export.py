@@ -75,6 +75,9 @@ def test_export_from_training_checkpoint(tmp_path):
 @pytest.mark.parametrize("arch,pooling", [
     ("vit_tiny", "cls"), ("vit_tiny", "gap"),
     pytest.param("resnet_test", "gap", marks=pytest.mark.slow), pytest.param("convnext_test", "gap", marks=pytest.mark.slow),
+    # timm model names (issue 13 §2): the export names exactly that timm model
+    pytest.param("resnet10t", "gap", marks=pytest.mark.slow), pytest.param("convnext_atto", "gap", marks=pytest.mark.slow),
+    pytest.param("deit_tiny_patch16_224", "cls", marks=pytest.mark.slow),
 ])
 def test_timm_loads_cls_and_gap_exports(tmp_path, arch, pooling):
     import timm
