@@ -59,8 +59,8 @@ TEMPLATE = Path(__file__).with_name("templates") / "slurm.sbatch"
 # field when a job learns to exit 75 on USR1.
 JOBS = {
     "train": ("dino_simpool.train", "--backend", True),
-    "knn": ("eval.knn", "--dist_backend", False),
-    "linear": ("eval.linear", "--backend", False),
+    "knn": ("dino_simpool.eval.knn", "--dist_backend", False),
+    "linear": ("dino_simpool.eval.linear", "--backend", False),
     "supervised": ("dino_simpool.supervised", "--backend", True),
 }
 EXIT_SAVED = 75

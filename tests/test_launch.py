@@ -106,11 +106,11 @@ def test_signal_only_for_jobs_that_save_on_it():
 
 def test_eval_jobs_backend_flags():
     knn = render(["--job", "knn", "--gpus-per-node", "0", "--", "--output_dir", "/o"])
-    assert "-m eval.knn" in knn and "--dist_backend gloo" in knn
+    assert "-m dino_simpool.eval.knn" in knn and "--dist_backend gloo" in knn
     knn2 = render(["--job", "knn", "--gpus-per-node", "0", "--", "--output_dir", "/o", "--backend", "gloo"])
     assert "--dist_backend" not in knn2  # SimPool's --backend gloo already names the process-group backend
     lin = render(["--job", "linear", "--gpus-per-node", "0", "--", "--output_dir", "/o"])
-    assert "-m eval.linear" in lin and "--backend gloo" in lin
+    assert "-m dino_simpool.eval.linear" in lin and "--backend gloo" in lin
     own = render(["--gpus-per-node", "0", "--", "--output_dir", "/o", "--backend", "gloo"])
     assert own.count("--backend") == 1
 
@@ -488,7 +488,7 @@ def test_batch_shell_does_not_signal_jobs_that_cannot_save(tmp_path):
     # eval.knn dies of SIGUSR1: the shell keeps waiting and passes nothing on
     rc, out, calls = _signal_script(tmp_path, ["USR1"], job="knn", run_s=1)
     assert rc == 0 and "srun got" not in calls and "tasks saved" not in calls
-    assert "eval.knn does not save on a signal, so it is not passed on" in out and "finished (exit 0)" in out
+    assert "dino_simpool.eval.knn does not save on a signal, so it is not passed on" in out and "finished (exit 0)" in out
 
 
 # ------------------------------------------------------------------------------------------------------------------
