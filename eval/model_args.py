@@ -95,7 +95,12 @@ def _pooling(pooling: str | None, mode: str | None, arch: str | None) -> str | N
     try:  # both given, the arch still unknown: they must agree for a ViT or for a CNN
         resolved = resolve_pooling(pooling, "vit", mode)
     except ValueError:
-        resolved = resolve_pooling(pooling, "resnet", mode)
+        try:
+            resolved = resolve_pooling(pooling, "resnet", mode)
+        except ValueError:
+            means = "cls (ViTs) or gap (CNNs)" if mode == "official" else "simpool"
+            raise ValueError(f"--mode {mode} means --pooling {means}, but --pooling {pooling} was also given; give "
+                             f"only one of them") from None
     return "official" if pooling.strip().lower() == "official" else resolved
 
 
