@@ -33,8 +33,8 @@ from dino_simpool.data import build_dataset  # noqa: E402
 from eval.demo import demo_argv  # noqa: E402
 from dino_simpool.dino.augment import MultiCropAugmentation  # noqa: E402
 from dino_simpool.config import parse_config  # noqa: E402
-from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all  # noqa: E402
-from dino_simpool.dino.head import DINOHead, MultiCropWrapper  # noqa: E402,F401
+from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset  # noqa: E402
+from dino_simpool.dino.determinism import seed_all  # noqa: E402
 from dino_simpool.dino.loss import DINOLoss  # noqa: E402
 from dino_simpool.dino.optim import build_optimizer, param_groups  # noqa: E402
 from dino_simpool.data.loader import make_loader  # noqa: E402

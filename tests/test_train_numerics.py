@@ -16,7 +16,8 @@ from dino_simpool.checkpoint import load_checkpoint
 from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import MultiCropAugmentation
 from dino_simpool.config import parse_config
-from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset, seed_all, seed_step
+from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset
+from dino_simpool.dino.determinism import seed_all, seed_step
 from dino_simpool.dino.build import build_student_teacher
 from dino_simpool.train import main
 

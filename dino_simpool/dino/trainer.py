@@ -32,8 +32,8 @@ from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
 from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
 from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, optimizer_options, place, unwrap
-from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, gather_rng_state, rng_isolated,
-                                           seed_all, seed_step, set_rng_state)
+from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset
+from dino_simpool.dino.determinism import gather_rng_state, rng_isolated, seed_all, seed_step, set_rng_state
 from dino_simpool.dino.loss import DINOLoss
 from dino_simpool.dino.optim import apply_schedules, build_optimizer, param_groups
 from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr

@@ -20,7 +20,7 @@ from torch.utils.data import Sampler
 
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import make_loader
-from dino_simpool.dino.determinism import ResumableDistributedSampler, SeededDataset
+from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset
 from dino_simpool.supervised.config import SupervisedConfig
 
 
