@@ -40,15 +40,10 @@ from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr
 from dino_simpool.dino.step import DINOStep, StepSettings, agree
 from dino_simpool.dino.summary import EpochSums, log_epoch, nonfinite_message
 from dino_simpool.evaluation.knn import knn_accuracy
+from dino_simpool.job import run_job
 from dino_simpool.logs import Logger, Progress, format_seconds, log_stop
-from dino_simpool.rundir import RunLock, lock_on_rank0, prepare_output_dir
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
-from dino_simpool.watchdog import PeerWatchdog
 
-PEER_TIMEOUT_S = 60.0  # a peer silent this long ends the job (docs/reliability.md)
-# Each collective's timeout (torch's default is 30 min): bounds a rank that is alive but stuck; the longest legitimate
-# wait is a barrier behind rank 0's checkpoint write (the periodic k-NN is sharded over the ranks)
-DIST_TIMEOUT_S = 600.0
 CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "dino_loss", "epoch", "iteration", "iter_in_epoch", "config")
 
 
@@ -70,33 +65,11 @@ class Stop(Exception):
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, hooks: Hooks | None = None,
           stop: PreemptionFlag | None = None) -> int:
-    """Run (or resume) DINO pretraining as configured; returns the process exit code.
-
-    ``stop``: a stop-signal flag the caller installed earlier (the command line does, before its imports); else one
-    is installed here, before any work, so a SIGUSR1/SIGTERM during start-up is honoured at the first iteration."""
+    """Run (or resume) DINO pretraining as configured; returns the process exit code (``dino_simpool.job``: lock,
+    process group, watchdog, stop handlers)."""
     hooks = hooks or Hooks(on_epoch_end=on_epoch_end)
     cfg.resolve("cuda" if torch.cuda.is_available() else "cpu")
-    out = prepare_output_dir(cfg.output_dir)  # every rank, before any process group: a bad path stops all alike
-    own_flag = stop is None
-    stop = stop or PreemptionFlag().install()
-    lock = RunLock(out)
-    try:
-        env = D.init_distributed(cfg.backend, cfg.dist_url, timeout_s=DIST_TIMEOUT_S)
-        watchdog = PeerWatchdog.for_process_group(timeout=PEER_TIMEOUT_S)
-        finished = False
-        try:
-            lock_on_rank0(lock, env.is_main, D.device_for(env))
-            code = _train(cfg, env, hooks, stop)
-            finished = True
-            return code
-        finally:
-            if watchdog is not None:
-                watchdog.stop(finished)
-            D.cleanup()
-    finally:
-        lock.release()
-        if own_flag:
-            stop.restore()
+    return run_job(cfg.output_dir, cfg.backend, cfg.dist_url, lambda env, flag: _train(cfg, env, hooks, flag), stop)
 
 
 def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag) -> int:

@@ -37,7 +37,7 @@ from dino_simpool.data.loader import end_workers
 from dino_simpool.dino.determinism import gather_rng_state, seed_all, seed_step, set_rng_state
 from dino_simpool.dino.step import agree
 from dino_simpool.logs import Logger, Progress, format_seconds, log_stop
-from dino_simpool.rundir import RunLock, lock_on_rank0, prepare_output_dir
+from dino_simpool.job import run_job
 from dino_simpool.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag, any_rank
 from dino_simpool.supervised.config import SupervisedConfig
 from dino_simpool.supervised.data import (build_datasets, build_loaders, build_loss, build_mixup, num_classes_of,
@@ -70,25 +70,12 @@ class Stop(Exception):
 
 
 def train(cfg: SupervisedConfig, hooks: Hooks | None = None, stop: PreemptionFlag | None = None) -> int:
-    """Run (or resume) supervised training as configured; returns the process exit code.
+    """Run (or resume) supervised training as configured; returns the process exit code (``dino_simpool.job``:
+    lock, process group, watchdog, stop handlers).
 
     ``stop``: a stop-signal flag the caller installed earlier (the command line does, before its imports)."""
     hooks = hooks or Hooks()
-    out = prepare_output_dir(cfg.output)
-    own_flag = stop is None
-    stop = stop or PreemptionFlag().install()
-    lock = RunLock(out)
-    try:
-        env = D.init_distributed(cfg.backend, cfg.dist_url)
-        try:
-            lock_on_rank0(lock, env.is_main, D.device_for(env))
-            return _train(cfg, env, hooks, stop)
-        finally:
-            D.cleanup()
-    finally:
-        lock.release()
-        if own_flag:
-            stop.restore()
+    return run_job(cfg.output, cfg.backend, cfg.dist_url, lambda env, flag: _train(cfg, env, hooks, flag), stop)
 
 
 def _train(cfg: SupervisedConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag) -> int:
