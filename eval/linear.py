@@ -34,6 +34,7 @@ from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
 from dino_simpool.data import build_dataset
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
+from dino_simpool.dino.step import agree
 from dino_simpool.evaluation.features import extract_features
 
 from .linear_heads import (
@@ -256,6 +257,15 @@ def _print(*a):
         print(*a, flush=True)
 
 
+def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
+    """The ranks whose ``loss`` is not finite, agreed over all ranks before the backward pass (one tiny all-reduce,
+    as the trainer's :func:`~dino_simpool.dino.step.agree`): all of them stop at the same step, instead of the
+    healthy ranks waiting in DDP's gradient all-reduce for the one that raised until the process-group timeout."""
+    flags = torch.zeros(D.get_world_size(), device=loss.device)
+    flags[D.get_rank()] = (~torch.isfinite(loss.detach())).float()
+    return [r for r, f in enumerate(agree(flags).tolist()) if f > 0]
+
+
 def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epoch: int, epochs: int, seed: int):
     for g in optimizer.param_groups:
         g["lr"] = cosine_lr(g["base_lr"], epoch, epochs)
@@ -263,11 +273,15 @@ def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epo
     heads.train()
     loss_sum = torch.zeros(len(core.specs), dtype=torch.float64)
     n = 0
-    for feats, labels in batches.epoch(epoch):
+    for step, (feats, labels) in enumerate(batches.epoch(epoch)):
         logits = heads(feats)
         loss, per_head = core.loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}: {per_head.tolist()} (lower the lr?)")
+        bad_ranks = nonfinite_ranks(loss)
+        if bad_ranks:
+            mine = f": per-head losses {per_head.tolist()}" if D.get_rank() in bad_ranks else ""
+            where = f" on rank(s) {bad_ranks} of {D.get_world_size()}" if D.is_dist() else ""
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}{mine}; every rank "
+                                     f"stops here (lower the lr?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

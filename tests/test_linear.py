@@ -375,6 +375,91 @@ def test_two_ranks_ddp_equal_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(a["heads"][k], b["heads"][k], rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------- a NaN on one rank stops every rank (issue 15 §2)
+ROOT = Path(__file__).resolve().parents[1]
+LINEAR_HOOKS = str(ROOT / "tests" / "linear_hooks.py")
+NAN_FLAGS = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+             "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "4",
+             "--num_workers", "0", "--batch_size_per_gpu", "10", "--epochs", "3", "--lr", "0.1", "--backend", "gloo"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1", DINO_SIMPOOL_TEST_LINEAR_NAN_RANK="1",
+               DINO_SIMPOOL_TEST_LINEAR_NAN_STEP="4", **extra)  # 40 images / 2 ranks / batch 10: 2 steps per epoch
+    return env
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_both_ranks_with_exit_3(tmp_path):
+    """Two bare ranks (as srun starts them: no torchrun agent to kill the survivors), the loss NaN on rank 1 only, in
+    epoch 2: both ranks exit 3 with the agreed message, within seconds. Before the fix only rank 1 raised; rank 0
+    sat in DDP's gradient all-reduce, and died with gloo's "Connection closed by peer" traceback (exit 1) once rank 1
+    had gone (with NCCL it waits there until the process-group timeout, 30 minutes)."""
+    import subprocess
+    import time
+
+    port = _free_port()
+    procs = []
+    t0 = time.monotonic()
+    for rank in range(2):
+        env = _rank_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, LINEAR_HOOKS, *NAN_FLAGS, "--output_dir", str(tmp_path)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    spent = time.monotonic() - t0
+    codes = [p.returncode for p in procs]
+    assert codes == [3, 3], (codes, [o[1][-2000:] for o in outs])
+    for _, err in outs:
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("dino-simpool-linear: error: non-finite loss at epoch 2, step 2 on rank(s) [1] of 2")
+        assert "every rank stops here" in line
+    assert "per-head losses [nan]" in outs[1][1] and "per-head losses" not in outs[0][1]  # only rank 1 has them
+    # epoch 1 finished and was saved; the NaN step was never applied to the saved heads
+    ck = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["heads"].values())
+    assert spent < 200  # a stuck rank would hit the communicate timeout above
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nan_on_one_rank_under_torchrun_rank_0_stops_by_itself(tmp_path):
+    """The same under ``torchrun --standalone --nproc_per_node=2``. torchrun's agent kills the other ranks once one
+    has failed, which would hide a stuck rank; so each rank writes the code ``main`` returned (tests/linear_hooks.py)
+    and the poisoned rank lingers 5 s: rank 0 must have returned 3 by itself, before the agent could kill it."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = _rank_env(DINO_SIMPOOL_TEST_EXIT_DIR=str(tmp_path / "exits"), DINO_SIMPOOL_TEST_LINGER_S="5")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", LINEAR_HOOKS, *NAN_FLAGS,
+                        "--output_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert r.returncode != 0
+    exits = {p.name: p.read_text().strip() for p in (tmp_path / "exits").glob("*.exit")}
+    assert exits.get("rank0.exit") == "3", (exits, r.stderr[-3000:])
+    assert r.stderr.count("non-finite loss at epoch 2, step 2 on rank(s) [1] of 2") == 2, r.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------- with the real modules
 def _real_modules():
     try:
