@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
 from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
-from dino_simpool.data import build_dataset
+from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.step import agree
@@ -175,6 +175,50 @@ def build_datasets(args, train_aug: bool = True):
     return train, val
 
 
+def resolve_num_labels(num_labels: int | None, train, val) -> int:
+    """The heads' output count: ``--num_labels``, else the dataset's class count; raises DataError (exit 2) when
+    they differ, or when the two splits name different classes.
+
+    Larger is refused, not warned about: the extra outputs can never be right, and until training has pushed them
+    down (a short run, a small lr) one of them wins the argmax, so top-1 falls towards 0 % with nothing else amiss.
+    Smaller would make labels index past the head (a deep cross-entropy index error, a device assert on CUDA)."""
+    tr_classes, va_classes = getattr(train, "classes", None), getattr(val, "classes", None)
+    if tr_classes is not None and va_classes is not None and len(train) and list(tr_classes) != list(va_classes):
+        only_tr = sorted(set(tr_classes) - set(va_classes))
+        only_va = sorted(set(va_classes) - set(tr_classes))
+        detail = (f"only in train: {only_tr[:5]}" if only_tr else "") + ("; " if only_tr and only_va else "") \
+            + (f"only in val: {only_va[:5]}" if only_va else "")
+        raise DataError(f"the train and val splits have different classes ({len(tr_classes)} vs {len(va_classes)}"
+                        f"{': ' + detail if detail else ', in another order'}), so their label indices do not match; "
+                        f"give both splits the same class folders")
+    n_classes = num_classes_of(train if len(train) else val)
+    if num_labels is None:
+        return n_classes
+    if num_labels > n_classes:
+        raise DataError(f"--num_labels {num_labels} is larger than the dataset's {n_classes} classes: the "
+                        f"{num_labels - n_classes} extra outputs can never be right and push top-1 towards 0 %; "
+                        f"leave --num_labels out (default: the class count) or pass --num_labels {n_classes}")
+    if num_labels < n_classes:
+        raise DataError(f"--num_labels {num_labels} is smaller than the dataset's {n_classes} classes: labels "
+                        f"{num_labels}..{n_classes - 1} have no output; leave --num_labels out (default: the class "
+                        f"count) or pass --num_labels {n_classes}")
+    return num_labels
+
+
+def check_label_range(labels: torch.Tensor, num_labels: int, split: str) -> None:
+    """DataError naming the label when a (CPU) label tensor leaves ``0..num_labels-1``: the dataset's labels do not
+    match its class count. Checked before the labels reach the device: there, cross-entropy would fail deep inside
+    torch (an index error on CPU, a device-side assert on CUDA)."""
+    if labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_labels:
+        bad = lo if lo < 0 else hi
+        raise DataError(f"the {split} split has label {bad}, outside 0..{num_labels - 1} ({num_labels} labels from "
+                        f"the dataset's class count or --num_labels): the dataset's labels do not match its classes; "
+                        f"fix the dataset's targets/classes")
+
+
 def num_classes_of(ds) -> int:
     classes = getattr(ds, "classes", None)
     if classes is not None and len(classes):
@@ -211,9 +255,11 @@ def _order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 class ImageBatches:
     """Batches of (features dict, labels) from images through the frozen extractor."""
 
-    def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad):
+    def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad,
+                 num_labels: int | None = None, split: str = "train"):
         self.dataset, self.extractor, self.bs, self.nw = dataset, extractor, batch_size, num_workers
         self.device, self.seed, self.shuffle, self.pad = device, seed, shuffle, pad
+        self.num_labels, self.split = num_labels, split
 
     def __len__(self):
         return len(self.dataset)
@@ -227,8 +273,11 @@ class ImageBatches:
             pin_memory=self.device.type == "cuda", drop_last=False,
         )
         for imgs, labels, *_ in loader:
+            labels = torch.as_tensor(labels)
+            if self.num_labels is not None:
+                check_label_range(labels, self.num_labels, self.split)
             imgs = imgs.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             yield self.extractor(imgs), labels
 
 
@@ -406,10 +455,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
         train_dataset, val_dataset = build_datasets(args, train_aug=not args.cached_features)
     if len(val_dataset) == 0 or (len(train_dataset) == 0 and not args.evaluate):
         raise ValueError("empty dataset: the train or val split has no images")
-    n_classes = num_classes_of(train_dataset if len(train_dataset) else val_dataset)
-    num_labels = args.num_labels or n_classes
-    if num_labels < n_classes:
-        raise ValueError(f"--num_labels {num_labels} is smaller than the dataset's {n_classes} classes")
+    num_labels = resolve_num_labels(args.num_labels, train_dataset, val_dataset)
 
     # the heads' input sizes come from a real forward pass, never from embed_dim arithmetic
     probe = torch.stack([val_dataset[i][0] for i in range(min(2, len(val_dataset)))]).to(device)
@@ -447,12 +493,17 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
                                       device=device, desc="val")
         _print(f"cached features in {time.time() - t0:.1f}s: val {tuple(va_x.shape)}"
                + ("" if tr_x is None else f", train {tuple(tr_x.shape)}"))
+        for split, y in (("train", tr_y), ("val", va_y)):
+            if y is not None:
+                check_label_range(y, num_labels, split)
         train_b = None if tr_x is None else CachedBatches(tr_x.to(device), tr_y.to(device), extractor, piece_dims, bs,
                                                          args.seed, shuffle=True, pad=True)
         val_b = CachedBatches(va_x.to(device), va_y.to(device), extractor, piece_dims, bs, args.seed, False, False)
     else:
-        train_b = ImageBatches(train_dataset, extractor, bs, args.num_workers, device, args.seed, True, True)
-        val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False)
+        train_b = ImageBatches(train_dataset, extractor, bs, args.num_workers, device, args.seed, True, True,
+                               num_labels=num_labels, split="train")
+        val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False,
+                             num_labels=num_labels, split="val")
 
     heads: nn.Module = core
     if D.is_dist():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint
+from dino_simpool.data import DataError
 from eval import linear
 from eval.linear_heads import FeatureExtractor, LinearHeads, cosine_lr, make_specs, parse_feature_set, topk_correct
 
@@ -245,8 +246,9 @@ def test_mismatched_head_checkpoint_is_a_clear_error(tmp_path):
         _run(tmp_path, "--lrs", "0.7")
     with pytest.raises(CheckpointError, match="input dim 16 saved vs 32 from this backbone"):
         _run(tmp_path, "--lrs", "0.5", "--evaluate", model=TinyViT(dim=32))
-    with pytest.raises(CheckpointError, match="num_labels 4 saved vs 10"):
-        _run(tmp_path, "--lrs", "0.5", "--evaluate", "--num_labels", "10")
+    with pytest.raises(CheckpointError, match="num_labels 4 saved vs 10"):  # a 10-class dataset now
+        linear.run(_args(tmp_path, "--lrs", "0.5", "--evaluate"), backbone=TinyViT(),
+                   train_dataset=Blobs(n_per_class=2, num_classes=10), val_dataset=Blobs(n_per_class=2, num_classes=10))
     with pytest.raises(CheckpointError, match="--epochs"):
         _run(tmp_path, "--lrs", "0.5", "--epochs", "9")
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -275,9 +277,50 @@ def test_local_rank_alias_of_torch_distributed_launch():
 
 def test_num_labels_from_dataset_or_flag(tmp_path):
     assert _run(tmp_path / "a", "--epochs", "1")["num_labels"] == 4
-    assert _run(tmp_path / "b", "--epochs", "1", "--num_labels", "7")["num_labels"] == 7
-    with pytest.raises(ValueError, match="smaller than the dataset's 4 classes"):
-        _run(tmp_path / "c", "--epochs", "1", "--num_labels", "3")
+    assert _run(tmp_path / "b", "--epochs", "1", "--num_labels", "4")["num_labels"] == 4
+    # larger is refused (issue 13 §1): the extra outputs only steal the argmax; smaller has no output for some labels
+    with pytest.raises(DataError, match="--num_labels 7 is larger than the dataset's 4 classes.*--num_labels 4"):
+        _run(tmp_path / "c", "--epochs", "1", "--num_labels", "7")
+    with pytest.raises(DataError, match="--num_labels 3 is smaller than the dataset's 4 classes.*--num_labels 4"):
+        _run(tmp_path / "d", "--epochs", "1", "--num_labels", "3")
+    assert not (tmp_path / "c" / "checkpoint.pth").exists()
+
+
+class MislabelledBlobs(Blobs):
+    """A dataset whose class list is shorter than its labels (4 label values, 3 class names)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.classes = self.classes[:3]
+
+
+@pytest.mark.parametrize("mode", ["images", "cached"])
+def test_labels_outside_the_class_count_are_a_clear_error(tmp_path, mode):
+    """Before: cross_entropy's deep "Target 3 is out of bounds" (a device-side assert on CUDA)."""
+    extra = ["--cached_features"] if mode == "cached" else []
+    args = _args(tmp_path, "--epochs", "1", *extra)
+    with pytest.raises(DataError, match="the train split has label 3, outside 0..2"):
+        linear.run(args, backbone=TinyViT(), train_dataset=MislabelledBlobs(), val_dataset=MislabelledBlobs(seed=1))
+
+
+def test_train_and_val_with_different_classes_are_refused(tmp_path):
+    va = Blobs(n_per_class=5, seed=1)
+    va.classes = ["c0", "c1", "c2", "other"]
+    with pytest.raises(DataError, match=r"different classes \(4 vs 4: only in train: \['c3'\]; only in val: "
+                                        r"\['other'\]\).*same class folders"):
+        linear.run(_args(tmp_path, "--epochs", "1"), backbone=TinyViT(), train_dataset=Blobs(), val_dataset=va)
+
+
+def test_cli_num_labels_mismatch_exits_2_with_one_line(tmp_path, capsys):
+    _real_modules()
+    base = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+            "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "2",
+            "--num_workers", "0", "--epochs", "1", "--output_dir", str(tmp_path)]
+    for n, word in (("1000", "larger"), ("5", "smaller")):
+        assert linear.main(base + ["--num_labels", n]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"dino-simpool-linear: error: --num_labels {n} is {word} than "
+                                                       f"the dataset's 10 classes"), err
 
 
 @pytest.fixture
