@@ -11,7 +11,9 @@ written atomically every epoch and training resumes from it automatically.
 
 Beyond DINO: ``--lrs`` × ``--feature_sets`` trains one head per pair on the same frozen forward pass (each head is
 its own SGD param group with its own lr scaling and cosine); ``--cached_features`` extracts centre-crop features
-once and trains the heads on the cached tensors (a fast sweep mode, *not* the full protocol: no augmentation).
+once and trains the heads on the cached tensors (a fast sweep mode, *not* the full protocol: no augmentation);
+``--train_crop_scale LOW HIGH`` (DINO: 0.08 1.0) and ``--train_aug dino|flip|none`` change the train augmentation for
+small images, where RandomResizedCrop of a 32 px image costs accuracy.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ from .linear_heads import (
     topk_correct,
 )
 from . import model_args
+
+TRAIN_AUGS = ("dino", "flip", "none")
+DINO_TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, which DINO's eval_linear.py uses
 
 CACHED_NOTE = (
     "NOTE: --cached_features trains the heads on features extracted once from centre crops, without the "
@@ -89,6 +94,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--subset", type=int, default=-1, help="images per class from the train split (-1 = all)")
     d.add_argument("--resize", type=int, default=256, help="val: resize the short side to this")
     d.add_argument("--crop", type=int, default=224, help="train RandomResizedCrop and val CenterCrop size")
+    d.add_argument("--train_aug", default=None, choices=TRAIN_AUGS,
+                   help="train augmentation: dino = RandomResizedCrop(--crop, scale=--train_crop_scale) + flip (DINO's "
+                        "protocol); flip = the val transform (--resize, centre --crop) + flip; none = the val "
+                        "transform (small images, where random crops of a 32 px image cost accuracy); default: dino")
+    d.add_argument("--train_crop_scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help=f"area fraction range of the train RandomResizedCrop (--train_aug dino); default: DINO's "
+                        f"{DINO_TRAIN_CROP_SCALE[0]} {DINO_TRAIN_CROP_SCALE[1]}")
     d.add_argument("--synthetic_size", type=int, default=64, help="image size of the embedded dataset")
     d.add_argument("--synthetic_per_class", type=int, default=None,
                    help="embedded dataset: train images per class (val gets a quarter; default 200 / 50)")
@@ -111,6 +123,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--synthetic_per_class must be >= 1; got {args.synthetic_per_class}")
     if args.crop > args.resize:
         raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}; use e.g. --resize 36 --crop 32")
+    if args.cached_features and (args.train_aug not in (None, "none") or args.train_crop_scale is not None):
+        raise ValueError("--cached_features trains on centre-crop features extracted once: --train_aug and "
+                         "--train_crop_scale do not apply; drop them, or drop --cached_features")
+    if args.train_crop_scale is not None:
+        if args.train_aug not in (None, "dino"):
+            raise ValueError(f"--train_crop_scale sets the RandomResizedCrop of --train_aug dino; --train_aug "
+                             f"{args.train_aug} has no random crop: drop one of the two")
+        lo, hi = args.train_crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"--train_crop_scale LOW HIGH must satisfy 0 < LOW <= HIGH <= 1 (area fractions); got "
+                             f"{lo:g} {hi:g} (DINO: {DINO_TRAIN_CROP_SCALE[0]} {DINO_TRAIN_CROP_SCALE[1]})")
+    args.train_aug = args.train_aug or ("none" if args.cached_features else "dino")
+    if args.train_aug == "dino":
+        args.train_crop_scale = tuple(float(v) for v in (args.train_crop_scale or DINO_TRAIN_CROP_SCALE))
     if args.num_workers < 0:
         raise ValueError(f"--num_workers must be >= 0; got {args.num_workers}")
     if args.n_last_blocks is not None and args.n_last_blocks < 1:
@@ -152,19 +178,38 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model_args.build_model(args, img_size=args.crop, log=_print)
 
 
-def train_transform(crop: int):
-    return T.Compose([
-        T.RandomResizedCrop(crop),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def train_transform(crop: int, resize: int, aug: str = "dino", scale: tuple[float, float] = DINO_TRAIN_CROP_SCALE):
+    """The train split's transform (``--train_aug``): ``dino`` = DINO's RandomResizedCrop(crop, scale) + flip;
+    ``flip`` = the val transform (Resize(resize), CenterCrop(crop)), then a random flip; ``none`` = the val transform."""
+    if aug == "dino":
+        return T.Compose([
+            T.RandomResizedCrop(crop, scale=tuple(scale)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+    if aug == "flip":
+        return T.Compose([eval_transform(resize, crop), T.RandomHorizontalFlip()])  # flips the val crop itself
+    if aug == "none":
+        return eval_transform(resize, crop)
+    raise ValueError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}; got {aug!r}")
+
+
+def describe_train_aug(args) -> str:
+    """One line for the start-up log: what the train split sees."""
+    if args.cached_features:
+        return "none (cached centre-crop features)"
+    if args.train_aug == "dino":
+        lo, hi = args.train_crop_scale
+        return f"RandomResizedCrop({args.crop}, scale=({lo:g}, {hi:g})) + flip"
+    val = f"Resize({args.resize}) + CenterCrop({args.crop})"
+    return val + (" + flip" if args.train_aug == "flip" else "")
 
 
 def build_datasets(args, train_aug: bool = True):
-    """(train, val) datasets; train gets the augmentation, or centre crops when ``train_aug`` is False."""
+    """(train, val) datasets; train gets ``--train_aug``, or centre crops when ``train_aug`` is False."""
     val_tf = eval_transform(args.resize, args.crop)
-    train_tf = train_transform(args.crop) if train_aug else val_tf
+    train_tf = train_transform(args.crop, args.resize, args.train_aug, args.train_crop_scale) if train_aug else val_tf
     syn_train, syn_val = {}, {}
     if not args.data_path and args.synthetic_per_class:
         syn_train = {"images_per_class": args.synthetic_per_class}
@@ -513,7 +558,8 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
                                 weight_decay=args.weight_decay)
     _print(f"linear probe: {len(core.specs)} head(s) {[s.name for s in core.specs]}, {num_labels} labels, "
            f"features {in_dims}, {len(train_dataset)} train / {len(val_dataset)} val images, "
-           f"global batch {bs * D.get_world_size()} (lr x {lr_scale:g})")
+           f"global batch {bs * D.get_world_size()} (lr x {lr_scale:g}); train augmentation: "
+           f"{describe_train_aug(args)}")
 
     result = {"heads": core.spec_dicts(), "num_labels": num_labels, "features": mode}
 

@@ -286,6 +286,65 @@ def test_num_labels_from_dataset_or_flag(tmp_path):
     assert not (tmp_path / "c" / "checkpoint.pth").exists()
 
 
+def test_train_aug_flags_default_to_dino_and_are_validated(capsys):
+    p = linear.get_args_parser()
+    a = linear.resolve_args(p.parse_args([]))
+    assert (a.train_aug, a.train_crop_scale) == ("dino", (0.08, 1.0))  # DINO's eval_linear.py
+    a = linear.resolve_args(p.parse_args(["--train_crop_scale", "0.5", "1"]))
+    assert (a.train_aug, a.train_crop_scale) == ("dino", (0.5, 1.0))
+    assert linear.resolve_args(p.parse_args(["--train_aug", "none"])).train_aug == "none"
+    assert linear.resolve_args(p.parse_args(["--cached_features"])).train_aug == "none"
+    for bad, msg in ((["--train_crop_scale", "0", "1"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_crop_scale", "0.6", "0.2"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_crop_scale", "0.5", "1.5"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_aug", "none", "--train_crop_scale", "0.5", "1"], "has no random crop"),
+                     (["--cached_features", "--train_aug", "dino"], "do not apply"),
+                     (["--cached_features", "--train_crop_scale", "0.5", "1"], "do not apply")):
+        assert linear.main(bad + ["--output_dir", "/tmp/never"]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err, (bad, err)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--train_aug", "rrc"])
+
+
+def test_train_transform_dino_flip_and_none():
+    from PIL import Image
+
+    from dino_simpool.dino.augment import eval_transform
+    from torchvision import transforms as T
+
+    img = Image.fromarray(torch.randint(0, 255, (40, 48, 3), dtype=torch.uint8).numpy())
+    val = eval_transform(36, 32)(img)
+    torch.testing.assert_close(linear.train_transform(32, 36, "none")(img), val, rtol=0, atol=0)
+    flips = [linear.train_transform(32, 36, "flip")(img) for _ in range(16)]
+    assert all(torch.equal(f, val) or torch.equal(f, val.flip(-1)) for f in flips)
+    assert any(torch.equal(f, val) for f in flips) and any(torch.equal(f, val.flip(-1)) for f in flips)
+    dino = linear.train_transform(32, 36, "dino", (0.3, 0.7))
+    (rrc,) = [t for t in dino.transforms if isinstance(t, T.RandomResizedCrop)]
+    assert rrc.size == (32, 32) and rrc.scale == (0.3, 0.7)
+    assert linear.train_transform(32, 36).transforms[0].scale == (0.08, 1.0)  # DINO's default
+    assert dino(img).shape == (3, 32, 32)
+
+
+def test_train_aug_none_trains_as_cached_features(tmp_path, capsys):
+    """--train_aug none feeds the train split the val transform: the image-mode probe is then the same computation as
+    --cached_features (same heads, same accuracy), and the start-up line says which augmentation ran."""
+    _real_modules()
+    flags = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+             "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "6",
+             "--num_workers", "0", "--epochs", "2", "--lr", "0.5", "--batch_size_per_gpu", "20"]
+    assert linear.main(flags + ["--train_aug", "none", "--output_dir", str(tmp_path / "none")]) == 0
+    assert "train augmentation: Resize(36) + CenterCrop(32)" in capsys.readouterr().out
+    assert linear.main(flags + ["--cached_features", "--output_dir", str(tmp_path / "cached")]) == 0
+    a, b = _heads(tmp_path / "none"), _heads(tmp_path / "cached")
+    for k in a["heads"]:
+        torch.testing.assert_close(a["heads"][k], b["heads"][k], rtol=1e-4, atol=1e-6)
+    assert linear.main(flags + ["--train_crop_scale", "0.5", "1", "--output_dir", str(tmp_path / "rrc")]) == 0
+    assert "train augmentation: RandomResizedCrop(32, scale=(0.5, 1)) + flip" in capsys.readouterr().out
+    c = _heads(tmp_path / "rrc")
+    assert any(not torch.allclose(a["heads"][k], c["heads"][k]) for k in a["heads"])  # the crops did change training
+
+
 class MislabelledBlobs(Blobs):
     """A dataset whose class list is shorter than its labels (4 label values, 3 class names)."""
 
