@@ -6,7 +6,10 @@ and an overlay (the pictures: :mod:`dino_simpool.evaluation.attention`).
 Without ``--images`` a few images of the embedded dataset's val split are used. Images keep their aspect ratio and
 are scaled down to a longest side of ``--max_size`` (480, as DINO; 0 = full size) unless ``--image_size S`` asks for
 S x S. Each PNG is named by the image's path relative to the folder given (``a/x.png`` -> ``a__x.png``), so
-same-named images in different sub-folders do not overwrite each other.
+same-named images in different sub-folders do not overwrite each other. Beside each PNG go the raw maps as ``.npy``
+(float32, patch resolution, unnormalised): ``<name>.npy`` (SimPool: (h, w); [CLS]: the last block's heads, (heads, h,
+w)) and, for [CLS], ``<name>.mean_blocks.npy`` (h, w). ``--combined`` stacks the pictures with each image's name above
+its row.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def build_parser() -> OneLineErrorParser:
                    help="map upsampling to the image size (nearest = one block per patch, as DINO)")
     p.add_argument("--num_images", default=4, type=int, help="embedded images to use when --images is not given")
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--combined", default=None, help="also write all pictures stacked into this one PNG")
+    p.add_argument("--combined", default=None,
+                   help="also write all pictures stacked into this one PNG, each image's name above its row")
     return p
 
 
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
         return 2
     for p in paths:
         print(p)
-    print(f"wrote {len(paths) - bool(args.combined)} attention picture(s) to {args.output_dir}")
+    print(f"wrote {len(paths) - bool(args.combined)} attention picture(s) and their raw maps (.npy) to "
+          f"{args.output_dir}")
     return 0
 
 
