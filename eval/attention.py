@@ -27,6 +27,7 @@ from .model_args import add_model_args, build_model, resolve_device
 def build_parser() -> OneLineErrorParser:
     p = OneLineErrorParser("dino-simpool-attention", description=__doc__.split("\n\n")[0])
     add_model_args(p, device=True)
+    p.add_num_threads_flag()
     p.add_argument("--images", nargs="*", default=None,
                    help="image files and/or folders (recursive); default: images of the embedded val split")
     p.add_argument("--output_dir", required=True, help="where the PNGs go")

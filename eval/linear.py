@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from torchvision import transforms as T
 
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
-from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
+from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, print_error
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
@@ -104,13 +103,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic_size", type=int, default=64, help="image size of the embedded dataset")
     d.add_argument("--synthetic_per_class", type=int, default=None,
                    help="embedded dataset: train images per class (val gets a quarter; default 200 / 50)")
-    d.add_argument("--num_workers", type=int, default=min(10, os.cpu_count() or 1))
+    d.add_argument("--num_workers", type=int, default=min(10, available_cpus()),
+                   help="data-loading processes (default: min(10, the CPUs this task may use))")
     d.add_argument("--output_dir", default=".")
     s = p.add_argument_group("distributed")
     s.add_argument("--dist_url", default="env://")
     s.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
     s.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="ignored (torchrun / torch.distributed.launch set LOCAL_RANK)")
+    p.add_num_threads_flag()
     return p
 
 

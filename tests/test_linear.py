@@ -270,6 +270,15 @@ def test_vit_default_is_dino_n_last_blocks_4_for_cls_and_1_for_simpool(tmp_path)
     assert res["heads"][0]["feature_set"] == "last1" and res["heads"][0]["in_dim"] == 16
 
 
+def test_num_workers_default_counts_the_tasks_cpus_not_the_nodes(monkeypatch):
+    """Issue 15 §4: under Slurm (--cpus-per-task) or taskset the task may use fewer CPUs than os.cpu_count()."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert linear.get_args_parser().parse_args([]).num_workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert linear.get_args_parser().parse_args([]).num_workers == 10
+
+
 def test_local_rank_alias_of_torch_distributed_launch():
     args = linear.get_args_parser().parse_args(["--local-rank=3"])
     assert args.local_rank == 3
