@@ -251,18 +251,26 @@ def resolve_num_labels(num_labels: int | None, train, val) -> int:
     return num_labels
 
 
-def check_label_range(labels: torch.Tensor, num_labels: int, split: str) -> None:
-    """DataError naming the label when a (CPU) label tensor leaves ``0..num_labels-1``: the dataset's labels do not
-    match its class count. Checked before the labels reach the device: there, cross-entropy would fail deep inside
-    torch (an index error on CPU, a device-side assert on CUDA)."""
+def label_range_problem(labels: torch.Tensor, num_labels: int, split: str) -> str | None:
+    """The message when a (CPU) label tensor leaves ``0..num_labels-1`` (the dataset's labels do not match its class
+    count), else None. Checked before the labels reach the device: there, cross-entropy would fail deep inside torch
+    (an index error on CPU, a device-side assert on CUDA)."""
     if labels.numel() == 0:
-        return
+        return None
     lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_labels:
-        bad = lo if lo < 0 else hi
-        raise DataError(f"the {split} split has label {bad}, outside 0..{num_labels - 1} ({num_labels} labels from "
-                        f"the dataset's class count or --num_labels): the dataset's labels do not match its classes; "
-                        f"fix the dataset's targets/classes")
+    if lo >= 0 and hi < num_labels:
+        return None
+    bad = lo if lo < 0 else hi
+    return (f"the {split} split has label {bad}, outside 0..{num_labels - 1} ({num_labels} labels from the dataset's "
+            f"class count or --num_labels): the dataset's labels do not match its classes; fix the dataset's "
+            f"targets/classes")
+
+
+def check_label_range(labels: torch.Tensor, num_labels: int, split: str) -> None:
+    """:func:`label_range_problem` as a DataError."""
+    problem = label_range_problem(labels, num_labels, split)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def num_classes_of(ds) -> int:
@@ -299,7 +307,9 @@ def _order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 
 
 class ImageBatches:
-    """Batches of (features dict, labels) from images through the frozen extractor."""
+    """Batches of (features dict, labels, problem) from images through the frozen extractor. ``problem``: None, or
+    the message of a batch whose labels leave ``0..num_labels-1`` (its features are then not computed); the loops
+    agree on it over ranks, so that every rank stops with it together."""
 
     def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad,
                  num_labels: int | None = None, split: str = "train"):
@@ -320,15 +330,18 @@ class ImageBatches:
         )
         for imgs, labels, *_ in loader:
             labels = torch.as_tensor(labels)
-            if self.num_labels is not None:
-                check_label_range(labels, self.num_labels, self.split)
+            problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
+            if problem is not None:
+                yield None, None, problem
+                continue
             imgs = imgs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.extractor(imgs), labels
+            yield self.extractor(imgs), labels, None
 
 
 class CachedBatches:
-    """Batches of (features dict, labels) from cached flat features (every rank holds all of them)."""
+    """Batches of (features dict, labels, None) from cached flat features (every rank holds all of them, their labels
+    checked once after extraction)."""
 
     def __init__(self, flat, labels, extractor, piece_dims, batch_size, seed, shuffle, pad):
         self.flat, self.labels, self.extractor, self.piece_dims = flat, labels, extractor, piece_dims
@@ -343,7 +356,7 @@ class CachedBatches:
                            dtype=torch.long)
         for i in range(0, len(idx), self.bs):
             b = idx[i:i + self.bs].to(self.flat.device)
-            yield self.extractor.split_flat(self.flat[b], self.piece_dims), self.labels[b]
+            yield self.extractor.split_flat(self.flat[b], self.piece_dims), self.labels[b], None
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
@@ -352,13 +365,29 @@ def _print(*a):
         print(*a, flush=True)
 
 
-def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
-    """The ranks whose ``loss`` is not finite, agreed over all ranks before the backward pass (one tiny all-reduce,
-    as the trainer's :func:`~dino_simpool.dino.step.agree`): all of them stop at the same step, instead of the
-    healthy ranks waiting in DDP's gradient all-reduce for the one that raised until the process-group timeout."""
-    flags = torch.zeros(D.get_world_size(), device=loss.device)
-    flags[D.get_rank()] = (~torch.isfinite(loss.detach())).float()
-    return [r for r, f in enumerate(agree(flags).tolist()) if f > 0]
+def ranks_with(flags: list[bool | torch.Tensor], device: torch.device) -> list[list[int]]:
+    """For each flag, the ranks where it is true, agreed over all ranks in one tiny all-reduce (as the trainer's
+    :func:`~dino_simpool.dino.step.agree`). A failure seen on one rank (a non-finite loss, a bad label) then stops
+    every rank at the same step, instead of the healthy ranks waiting in the next collective (DDP's gradient
+    all-reduce, validation's counts) for the one that raised, until the process-group timeout."""
+    table = torch.zeros(len(flags), D.get_world_size(), device=device)
+    for i, f in enumerate(flags):
+        table[i, D.get_rank()] = torch.as_tensor(f, dtype=torch.float32, device=device)
+    return [[r for r, v in enumerate(row) if v > 0] for row in agree(table).tolist()]
+
+
+def _stop_on(bad_loss: list[int], bad_data: list[int], problem: str | None, per_head, epoch: int, step: int,
+             split: str) -> None:
+    """Raise the agreed stop on every rank: DataError (exit 2) for bad labels, FloatingPointError (exit 3) for a
+    non-finite loss; the rank that saw it adds the detail."""
+    where = f" on rank(s) {{}} of {D.get_world_size()}" if D.is_dist() else ""
+    if bad_data:
+        raise DataError(problem if problem is not None else
+                        f"the {split} split has labels outside the heads' range{where.format(bad_data)}; every rank "
+                        f"stops here (the detail is on that rank's error line)")
+    mine = f": per-head losses {per_head.tolist()}" if per_head is not None and D.get_rank() in bad_loss else ""
+    raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where.format(bad_loss)}{mine}; "
+                             f"every rank stops here (lower the lr?)")
 
 
 def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epoch: int, epochs: int, seed: int):
@@ -368,15 +397,16 @@ def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epo
     heads.train()
     loss_sum = torch.zeros(len(core.specs), dtype=torch.float64)
     n = 0
-    for step, (feats, labels) in enumerate(batches.epoch(epoch)):
-        logits = heads(feats)
-        loss, per_head = core.loss(logits, labels)
-        bad_ranks = nonfinite_ranks(loss)
-        if bad_ranks:
-            mine = f": per-head losses {per_head.tolist()}" if D.get_rank() in bad_ranks else ""
-            where = f" on rank(s) {bad_ranks} of {D.get_world_size()}" if D.is_dist() else ""
-            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}{mine}; every rank "
-                                     f"stops here (lower the lr?)")
+    device = next(core.parameters()).device
+    for step, (feats, labels, problem) in enumerate(batches.epoch(epoch)):
+        loss = per_head = None
+        if problem is None:
+            logits = heads(feats)
+            loss, per_head = core.loss(logits, labels)
+        nonfinite = loss is not None and ~torch.isfinite(loss.detach())
+        bad_loss, bad_data = ranks_with([nonfinite, problem is not None], device)  # before backward's all-reduce
+        if bad_loss or bad_data:
+            _stop_on(bad_loss, bad_data, problem, per_head, epoch, step, "train")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -394,13 +424,20 @@ def validate(heads: nn.Module, core: LinearHeads, batches, epoch: int = 0) -> li
     heads.eval()
     counts = torch.zeros(len(core.specs), 2, dtype=torch.float64)
     total = 0
-    for feats, labels in batches.epoch(epoch):
+    problem = None
+    for feats, labels, batch_problem in batches.epoch(epoch):
+        if batch_problem is not None:
+            problem = problem or batch_problem
+            continue
         logits = core(feats)  # not the DDP wrapper: ranks may hold different numbers of val batches
         for i, lg in enumerate(logits):
             c1, c5 = topk_correct(lg, labels)
             counts[i, 0] += c1
             counts[i, 1] += c5
         total += labels.shape[0]
+    (bad_data,) = ranks_with([problem is not None], next(core.parameters()).device)  # all ranks stop, or none
+    if bad_data:
+        _stop_on([], bad_data, problem, None, epoch, 0, "val")
     tot = torch.tensor([float(total)], dtype=torch.float64)
     if D.is_dist():
         device = next(core.parameters()).device

@@ -571,6 +571,54 @@ def test_nan_on_one_rank_under_torchrun_rank_0_stops_by_itself(tmp_path):
     assert r.stderr.count("non-finite loss at epoch 2, step 2 on rank(s) [1] of 2") == 2, r.stderr[-3000:]
 
 
+def _bad_label_worker(rank, world, port, out_dir, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        tr, va = _data()
+        tr.targets[7] = 4  # one image of 160 has a label outside the 4 classes: it lands in one rank's shard only
+        args = linear.get_args_parser().parse_args(
+            ["--output_dir", out_dir, "--epochs", "1", "--batch_size_per_gpu", "16", "--num_workers", "0",
+             "--lr", "0.5", "--backend", "gloo"])
+        try:
+            linear.run(args, backbone=TinyViT(), train_dataset=tr, val_dataset=va)
+            q.put((rank, "finished", ""))
+        except DataError as e:
+            q.put((rank, "DataError", str(e)))
+    finally:
+        from dino_simpool import distributed as du
+
+        du.cleanup()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bad_label_on_one_rank_stops_both_ranks(tmp_path):
+    """The rank whose batch holds the bad label names it; the other stops at the same step with a DataError too
+    (before: the other rank sat in DDP's all-reduce and died with gloo's connection error)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_bad_label_worker, args=(r, 2, port, str(tmp_path), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    assert codes == [0, 0], codes
+    got = dict((r, (kind, msg)) for r, kind, msg in (q.get(timeout=5) for _ in range(2)))
+    assert {kind for kind, _ in got.values()} == {"DataError"}, got
+    msgs = sorted(msg for _, msg in got.values())
+    assert any("the train split has label 4, outside 0..3" in m for m in msgs), msgs
+    assert any("labels outside the heads' range on rank(s) [" in m and "of 2" in m for m in msgs), msgs
+
+
 # --------------------------------------------------------------------------------- with the real modules
 def _real_modules():
     try:
