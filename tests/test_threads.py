@@ -64,6 +64,7 @@ def test_demo_applies_num_threads_and_passes_it_to_training(tmp_path, threads, c
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_apply_num_threads_reaches_faiss_imported_before_torch():
     """faiss imported first keeps its own OpenMP pool, which torch.set_num_threads does not reach (measured: 1 vs 2);
     the helper sets it too. A fresh process, since the import order is what matters."""
