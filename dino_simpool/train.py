@@ -30,14 +30,14 @@ def _run(argv, hooks, stop: PreemptionFlag) -> int:
     import torch
 
     from dino_simpool.checkpoint import CheckpointError, CheckpointWriteError
+    from dino_simpool.cli import apply_num_threads
     from dino_simpool.config import parse_config
     from dino_simpool.distributed import detect_env
     from dino_simpool.dino.trainer import train
 
     try:
         cfg = parse_config(argv)
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        apply_num_threads(cfg.num_threads)  # the flag or the YAML recipe's value; None keeps torch's
         env = detect_env()
         if env.is_main:
             info, warnings = start_up_lines(cfg, env.world_size, "cuda" if torch.cuda.is_available() else "cpu")

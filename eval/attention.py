@@ -6,7 +6,10 @@ and an overlay (the pictures: :mod:`dino_simpool.evaluation.attention`).
 Without ``--images`` a few images of the embedded dataset's val split are used. Images keep their aspect ratio and
 are scaled down to a longest side of ``--max_size`` (480, as DINO; 0 = full size) unless ``--image_size S`` asks for
 S x S. Each PNG is named by the image's path relative to the folder given (``a/x.png`` -> ``a__x.png``), so
-same-named images in different sub-folders do not overwrite each other.
+same-named images in different sub-folders do not overwrite each other. Beside each PNG go the raw maps as ``.npy``
+(float32, patch resolution, unnormalised): ``<name>.npy`` (SimPool: (h, w); [CLS]: the last block's heads, (heads, h,
+w)) and, for [CLS], ``<name>.mean_blocks.npy`` (h, w). ``--combined`` stacks the pictures with each image's name above
+its row.
 
 ``--compare ckptA ckptB ...`` draws instead one picture, ``<output_dir>/compare.png``: input | each checkpoint's map
 ([CLS] mean over blocks, or the pooling's attention), one row per image: the paper's "resolving the attention
@@ -33,6 +36,7 @@ from .model_args import add_model_args, build_model, resolve_device
 def build_parser() -> OneLineErrorParser:
     p = OneLineErrorParser("dino-simpool-attention", description=__doc__.split("\n\n")[0])
     add_model_args(p, device=True)
+    p.add_num_threads_flag()
     p.add_argument("--images", nargs="*", default=None,
                    help="image files and/or folders (recursive); default: images of the embedded val split")
     p.add_argument("--output_dir", required=True, help="where the PNGs go")
@@ -43,7 +47,8 @@ def build_parser() -> OneLineErrorParser:
                    help="map upsampling to the image size (nearest = one block per patch, as DINO)")
     p.add_argument("--num_images", default=4, type=int, help="embedded images to use when --images is not given")
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
-    p.add_argument("--combined", default=None, help="also write all pictures stacked into this one PNG")
+    p.add_argument("--combined", default=None,
+                   help="also write all pictures stacked into this one PNG, each image's name above its row")
     p.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
                    help="draw one side-by-side picture, <output_dir>/compare.png: input | each checkpoint's map "
                         "([CLS] mean over blocks, or the pooling's attention); the model flags apply to each")
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
         return 2
     for p in paths:
         print(p)
-    print(f"wrote {len(paths) - bool(args.combined)} attention picture(s) to {args.output_dir}")
+    print(f"wrote {len(paths) - bool(args.combined)} attention picture(s) and their raw maps (.npy) to "
+          f"{args.output_dir}")
     return 0
 
 

@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help=f"default {DEMO_FLAGS['epochs']}")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 40 images per class (a smoke test, ~1 min)")
     ap.add_argument("--keep", action="store_true", help="resume an existing demo_output instead of starting afresh")
+    ap.add_num_threads_flag()
     ap.add_argument("--force", action="store_true", help="delete an existing --output_dir even if the demo did not "
                     "write it (by default only a folder with the demo's marker file, or an empty one, is replaced)")
     a = ap.parse_args(argv)
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     warmup_teacher_temp_epochs=min(int(DEMO_FLAGS["warmup_teacher_temp_epochs"]), a.epochs))
     if a.quick:
         over.update(epochs=1, synthetic_per_class=40, warmup_epochs=0, warmup_teacher_temp_epochs=0)
+    if a.num_threads is not None:  # applied when parsed; also in the printed training command, which then means the same
+        over.update(num_threads=a.num_threads)
     try:
         targv = demo_argv(str(a.output_dir), **over)
         cfg = parse_config(targv)

@@ -122,6 +122,7 @@ def build_parser() -> OneLineErrorParser:
                                 description="Single-object discovery, CorLoc (LOST protocol) with attention or LOST "
                                             "boxes. Default data: the embedded dataset's val split and its boxes.")
     locdata.add_box_evaluator_args(p, RESULTS_FILE)
+    p.add_num_threads_flag()
     p.add_argument("--method", default="attention", choices=list(METHODS))
     p.add_argument("--data_path", default=None,
                    help="VOC-style folder (Annotations/*.xml + JPEGImages/), or an image folder with --boxes/--annotations")

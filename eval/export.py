@@ -24,6 +24,7 @@ def build_parser() -> OneLineErrorParser:
                     "backbone.pth and config.json. cls/gap backbones use timm's key names.",
     )
     add_model_args(p, weights_required=True)
+    p.add_num_threads_flag()
     p.add_argument("--output_dir", required=True, help="folder to write the export into")
     p.add_argument("--img_size", default=None, type=int,
                    help="ViT: the position-embedding grid to store (default: the checkpoint's)")

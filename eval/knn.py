@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Weighted k-NN evaluation of a (DINO/SimPool) backbone, DINO's protocol, faiss search.",
     )
     add_model_args(p)
+    p.add_num_threads_flag()
     p.add_argument("--batch_size_per_gpu", default=128, type=int)
     p.add_argument("--nb_knn", default=list(DEFAULT_KS), nargs="+", type=int, help="k values (one search serves all)")
     p.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(sim / T)")

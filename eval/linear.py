@@ -11,14 +11,15 @@ written atomically every epoch and training resumes from it automatically.
 
 Beyond DINO: ``--lrs`` × ``--feature_sets`` trains one head per pair on the same frozen forward pass (each head is
 its own SGD param group with its own lr scaling and cosine); ``--cached_features`` extracts centre-crop features
-once and trains the heads on the cached tensors (a fast sweep mode, *not* the full protocol: no augmentation).
+once and trains the heads on the cached tensors (a fast sweep mode, *not* the full protocol: no augmentation);
+``--train_crop_scale LOW HIGH`` (DINO: 0.08 1.0) and ``--train_aug dino|flip|none`` change the train augmentation for
+small images, where RandomResizedCrop of a 32 px image costs accuracy.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,11 @@ from torchvision import transforms as T
 
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
-from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
-from dino_simpool.data import build_dataset
+from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, print_error
+from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
+from dino_simpool.dino.step import agree
 from dino_simpool.evaluation.features import extract_features
 
 from .linear_heads import (
@@ -48,6 +50,9 @@ from .linear_heads import (
     topk_correct,
 )
 from . import model_args
+
+TRAIN_AUGS = ("dino", "flip", "none")
+DINO_TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, which DINO's eval_linear.py uses
 
 CACHED_NOTE = (
     "NOTE: --cached_features trains the heads on features extracted once from centre crops, without the "
@@ -88,16 +93,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--subset", type=int, default=-1, help="images per class from the train split (-1 = all)")
     d.add_argument("--resize", type=int, default=256, help="val: resize the short side to this")
     d.add_argument("--crop", type=int, default=224, help="train RandomResizedCrop and val CenterCrop size")
+    d.add_argument("--train_aug", default=None, choices=TRAIN_AUGS,
+                   help="train augmentation: dino = RandomResizedCrop(--crop, scale=--train_crop_scale) + flip (DINO's "
+                        "protocol); flip = the val transform (--resize, centre --crop) + flip; none = the val "
+                        "transform (small images, where random crops of a 32 px image cost accuracy); default: dino")
+    d.add_argument("--train_crop_scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help=f"area fraction range of the train RandomResizedCrop (--train_aug dino); default: DINO's "
+                        f"{DINO_TRAIN_CROP_SCALE[0]} {DINO_TRAIN_CROP_SCALE[1]}")
     d.add_argument("--synthetic_size", type=int, default=64, help="image size of the embedded dataset")
     d.add_argument("--synthetic_per_class", type=int, default=None,
                    help="embedded dataset: train images per class (val gets a quarter; default 200 / 50)")
-    d.add_argument("--num_workers", type=int, default=min(10, os.cpu_count() or 1))
+    d.add_argument("--num_workers", type=int, default=min(10, available_cpus()),
+                   help="data-loading processes (default: min(10, the CPUs this task may use))")
     d.add_argument("--output_dir", default=".")
     s = p.add_argument_group("distributed")
     s.add_argument("--dist_url", default="env://")
     s.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
     s.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="ignored (torchrun / torch.distributed.launch set LOCAL_RANK)")
+    p.add_num_threads_flag()
     return p
 
 
@@ -110,6 +124,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--synthetic_per_class must be >= 1; got {args.synthetic_per_class}")
     if args.crop > args.resize:
         raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}; use e.g. --resize 36 --crop 32")
+    if args.cached_features and (args.train_aug not in (None, "none") or args.train_crop_scale is not None):
+        raise ValueError("--cached_features trains on centre-crop features extracted once: --train_aug and "
+                         "--train_crop_scale do not apply; drop them, or drop --cached_features")
+    if args.train_crop_scale is not None:
+        if args.train_aug not in (None, "dino"):
+            raise ValueError(f"--train_crop_scale sets the RandomResizedCrop of --train_aug dino; --train_aug "
+                             f"{args.train_aug} has no random crop: drop one of the two")
+        lo, hi = args.train_crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"--train_crop_scale LOW HIGH must satisfy 0 < LOW <= HIGH <= 1 (area fractions); got "
+                             f"{lo:g} {hi:g} (DINO: {DINO_TRAIN_CROP_SCALE[0]} {DINO_TRAIN_CROP_SCALE[1]})")
+    args.train_aug = args.train_aug or ("none" if args.cached_features else "dino")
+    if args.train_aug == "dino":
+        args.train_crop_scale = tuple(float(v) for v in (args.train_crop_scale or DINO_TRAIN_CROP_SCALE))
     if args.num_workers < 0:
         raise ValueError(f"--num_workers must be >= 0; got {args.num_workers}")
     if args.n_last_blocks is not None and args.n_last_blocks < 1:
@@ -151,19 +179,38 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model_args.build_model(args, img_size=args.crop, log=_print)
 
 
-def train_transform(crop: int):
-    return T.Compose([
-        T.RandomResizedCrop(crop),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def train_transform(crop: int, resize: int, aug: str = "dino", scale: tuple[float, float] = DINO_TRAIN_CROP_SCALE):
+    """The train split's transform (``--train_aug``): ``dino`` = DINO's RandomResizedCrop(crop, scale) + flip;
+    ``flip`` = the val transform (Resize(resize), CenterCrop(crop)), then a random flip; ``none`` = the val transform."""
+    if aug == "dino":
+        return T.Compose([
+            T.RandomResizedCrop(crop, scale=tuple(scale)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+    if aug == "flip":
+        return T.Compose([eval_transform(resize, crop), T.RandomHorizontalFlip()])  # flips the val crop itself
+    if aug == "none":
+        return eval_transform(resize, crop)
+    raise ValueError(f"--train_aug must be one of {', '.join(TRAIN_AUGS)}; got {aug!r}")
+
+
+def describe_train_aug(args) -> str:
+    """One line for the start-up log: what the train split sees."""
+    if args.cached_features:
+        return "none (cached centre-crop features)"
+    if args.train_aug == "dino":
+        lo, hi = args.train_crop_scale
+        return f"RandomResizedCrop({args.crop}, scale=({lo:g}, {hi:g})) + flip"
+    val = f"Resize({args.resize}) + CenterCrop({args.crop})"
+    return val + (" + flip" if args.train_aug == "flip" else "")
 
 
 def build_datasets(args, train_aug: bool = True):
-    """(train, val) datasets; train gets the augmentation, or centre crops when ``train_aug`` is False."""
+    """(train, val) datasets; train gets ``--train_aug``, or centre crops when ``train_aug`` is False."""
     val_tf = eval_transform(args.resize, args.crop)
-    train_tf = train_transform(args.crop) if train_aug else val_tf
+    train_tf = train_transform(args.crop, args.resize, args.train_aug, args.train_crop_scale) if train_aug else val_tf
     syn_train, syn_val = {}, {}
     if not args.data_path and args.synthetic_per_class:
         syn_train = {"images_per_class": args.synthetic_per_class}
@@ -172,6 +219,58 @@ def build_datasets(args, train_aug: bool = True):
                           image_size=args.synthetic_size, **syn_train)
     val = build_dataset(args.data_path, "val", transform=val_tf, image_size=args.synthetic_size, **syn_val)
     return train, val
+
+
+def resolve_num_labels(num_labels: int | None, train, val) -> int:
+    """The heads' output count: ``--num_labels``, else the dataset's class count; raises DataError (exit 2) when
+    they differ, or when the two splits name different classes.
+
+    Larger is refused, not warned about: the extra outputs can never be right, and until training has pushed them
+    down (a short run, a small lr) one of them wins the argmax, so top-1 falls towards 0 % with nothing else amiss.
+    Smaller would make labels index past the head (a deep cross-entropy index error, a device assert on CUDA)."""
+    tr_classes, va_classes = getattr(train, "classes", None), getattr(val, "classes", None)
+    if tr_classes is not None and va_classes is not None and len(train) and list(tr_classes) != list(va_classes):
+        only_tr = sorted(set(tr_classes) - set(va_classes))
+        only_va = sorted(set(va_classes) - set(tr_classes))
+        detail = (f"only in train: {only_tr[:5]}" if only_tr else "") + ("; " if only_tr and only_va else "") \
+            + (f"only in val: {only_va[:5]}" if only_va else "")
+        raise DataError(f"the train and val splits have different classes ({len(tr_classes)} vs {len(va_classes)}"
+                        f"{': ' + detail if detail else ', in another order'}), so their label indices do not match; "
+                        f"give both splits the same class folders")
+    n_classes = num_classes_of(train if len(train) else val)
+    if num_labels is None:
+        return n_classes
+    if num_labels > n_classes:
+        raise DataError(f"--num_labels {num_labels} is larger than the dataset's {n_classes} classes: the "
+                        f"{num_labels - n_classes} extra outputs can never be right and push top-1 towards 0 %; "
+                        f"leave --num_labels out (default: the class count) or pass --num_labels {n_classes}")
+    if num_labels < n_classes:
+        raise DataError(f"--num_labels {num_labels} is smaller than the dataset's {n_classes} classes: labels "
+                        f"{num_labels}..{n_classes - 1} have no output; leave --num_labels out (default: the class "
+                        f"count) or pass --num_labels {n_classes}")
+    return num_labels
+
+
+def label_range_problem(labels: torch.Tensor, num_labels: int, split: str) -> str | None:
+    """The message when a (CPU) label tensor leaves ``0..num_labels-1`` (the dataset's labels do not match its class
+    count), else None. Checked before the labels reach the device: there, cross-entropy would fail deep inside torch
+    (an index error on CPU, a device-side assert on CUDA)."""
+    if labels.numel() == 0:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_labels:
+        return None
+    bad = lo if lo < 0 else hi
+    return (f"the {split} split has label {bad}, outside 0..{num_labels - 1} ({num_labels} labels from the dataset's "
+            f"class count or --num_labels): the dataset's labels do not match its classes; fix the dataset's "
+            f"targets/classes")
+
+
+def check_label_range(labels: torch.Tensor, num_labels: int, split: str) -> None:
+    """:func:`label_range_problem` as a DataError."""
+    problem = label_range_problem(labels, num_labels, split)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def num_classes_of(ds) -> int:
@@ -208,11 +307,15 @@ def _order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 
 
 class ImageBatches:
-    """Batches of (features dict, labels) from images through the frozen extractor."""
+    """Batches of (features dict, labels, problem) from images through the frozen extractor. ``problem``: None, or
+    the message of a batch whose labels leave ``0..num_labels-1`` (its features are then not computed); the loops
+    agree on it over ranks, so that every rank stops with it together."""
 
-    def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad):
+    def __init__(self, dataset, extractor, batch_size, num_workers, device, seed, shuffle, pad,
+                 num_labels: int | None = None, split: str = "train"):
         self.dataset, self.extractor, self.bs, self.nw = dataset, extractor, batch_size, num_workers
         self.device, self.seed, self.shuffle, self.pad = device, seed, shuffle, pad
+        self.num_labels, self.split = num_labels, split
 
     def __len__(self):
         return len(self.dataset)
@@ -226,13 +329,19 @@ class ImageBatches:
             pin_memory=self.device.type == "cuda", drop_last=False,
         )
         for imgs, labels, *_ in loader:
+            labels = torch.as_tensor(labels)
+            problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
+            if problem is not None:
+                yield None, None, problem
+                continue
             imgs = imgs.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
-            yield self.extractor(imgs), labels
+            labels = labels.to(self.device, non_blocking=True)
+            yield self.extractor(imgs), labels, None
 
 
 class CachedBatches:
-    """Batches of (features dict, labels) from cached flat features (every rank holds all of them)."""
+    """Batches of (features dict, labels, None) from cached flat features (every rank holds all of them, their labels
+    checked once after extraction)."""
 
     def __init__(self, flat, labels, extractor, piece_dims, batch_size, seed, shuffle, pad):
         self.flat, self.labels, self.extractor, self.piece_dims = flat, labels, extractor, piece_dims
@@ -247,13 +356,38 @@ class CachedBatches:
                            dtype=torch.long)
         for i in range(0, len(idx), self.bs):
             b = idx[i:i + self.bs].to(self.flat.device)
-            yield self.extractor.split_flat(self.flat[b], self.piece_dims), self.labels[b]
+            yield self.extractor.split_flat(self.flat[b], self.piece_dims), self.labels[b], None
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
 def _print(*a):
     if D.is_main_process():
         print(*a, flush=True)
+
+
+def ranks_with(flags: list[bool | torch.Tensor], device: torch.device) -> list[list[int]]:
+    """For each flag, the ranks where it is true, agreed over all ranks in one tiny all-reduce (as the trainer's
+    :func:`~dino_simpool.dino.step.agree`). A failure seen on one rank (a non-finite loss, a bad label) then stops
+    every rank at the same step, instead of the healthy ranks waiting in the next collective (DDP's gradient
+    all-reduce, validation's counts) for the one that raised, until the process-group timeout."""
+    table = torch.zeros(len(flags), D.get_world_size(), device=device)
+    for i, f in enumerate(flags):
+        table[i, D.get_rank()] = torch.as_tensor(f, dtype=torch.float32, device=device)
+    return [[r for r, v in enumerate(row) if v > 0] for row in agree(table).tolist()]
+
+
+def _stop_on(bad_loss: list[int], bad_data: list[int], problem: str | None, per_head, epoch: int, step: int,
+             split: str) -> None:
+    """Raise the agreed stop on every rank: DataError (exit 2) for bad labels, FloatingPointError (exit 3) for a
+    non-finite loss; the rank that saw it adds the detail."""
+    where = f" on rank(s) {{}} of {D.get_world_size()}" if D.is_dist() else ""
+    if bad_data:
+        raise DataError(problem if problem is not None else
+                        f"the {split} split has labels outside the heads' range{where.format(bad_data)}; every rank "
+                        f"stops here (the detail is on that rank's error line)")
+    mine = f": per-head losses {per_head.tolist()}" if per_head is not None and D.get_rank() in bad_loss else ""
+    raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where.format(bad_loss)}{mine}; "
+                             f"every rank stops here (lower the lr?)")
 
 
 def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epoch: int, epochs: int, seed: int):
@@ -263,11 +397,16 @@ def train_one_epoch(heads: nn.Module, core: LinearHeads, optimizer, batches, epo
     heads.train()
     loss_sum = torch.zeros(len(core.specs), dtype=torch.float64)
     n = 0
-    for feats, labels in batches.epoch(epoch):
-        logits = heads(feats)
-        loss, per_head = core.loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}: {per_head.tolist()} (lower the lr?)")
+    device = next(core.parameters()).device
+    for step, (feats, labels, problem) in enumerate(batches.epoch(epoch)):
+        loss = per_head = None
+        if problem is None:
+            logits = heads(feats)
+            loss, per_head = core.loss(logits, labels)
+        nonfinite = loss is not None and ~torch.isfinite(loss.detach())
+        bad_loss, bad_data = ranks_with([nonfinite, problem is not None], device)  # before backward's all-reduce
+        if bad_loss or bad_data:
+            _stop_on(bad_loss, bad_data, problem, per_head, epoch, step, "train")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -285,13 +424,20 @@ def validate(heads: nn.Module, core: LinearHeads, batches, epoch: int = 0) -> li
     heads.eval()
     counts = torch.zeros(len(core.specs), 2, dtype=torch.float64)
     total = 0
-    for feats, labels in batches.epoch(epoch):
+    problem = None
+    for feats, labels, batch_problem in batches.epoch(epoch):
+        if batch_problem is not None:
+            problem = problem or batch_problem
+            continue
         logits = core(feats)  # not the DDP wrapper: ranks may hold different numbers of val batches
         for i, lg in enumerate(logits):
             c1, c5 = topk_correct(lg, labels)
             counts[i, 0] += c1
             counts[i, 1] += c5
         total += labels.shape[0]
+    (bad_data,) = ranks_with([problem is not None], next(core.parameters()).device)  # all ranks stop, or none
+    if bad_data:
+        _stop_on([], bad_data, problem, None, epoch, 0, "val")
     tot = torch.tensor([float(total)], dtype=torch.float64)
     if D.is_dist():
         device = next(core.parameters()).device
@@ -392,10 +538,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
         train_dataset, val_dataset = build_datasets(args, train_aug=not args.cached_features)
     if len(val_dataset) == 0 or (len(train_dataset) == 0 and not args.evaluate):
         raise ValueError("empty dataset: the train or val split has no images")
-    n_classes = num_classes_of(train_dataset if len(train_dataset) else val_dataset)
-    num_labels = args.num_labels or n_classes
-    if num_labels < n_classes:
-        raise ValueError(f"--num_labels {num_labels} is smaller than the dataset's {n_classes} classes")
+    num_labels = resolve_num_labels(args.num_labels, train_dataset, val_dataset)
 
     # the heads' input sizes come from a real forward pass, never from embed_dim arithmetic
     probe = torch.stack([val_dataset[i][0] for i in range(min(2, len(val_dataset)))]).to(device)
@@ -433,12 +576,17 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
                                       device=device, desc="val")
         _print(f"cached features in {time.time() - t0:.1f}s: val {tuple(va_x.shape)}"
                + ("" if tr_x is None else f", train {tuple(tr_x.shape)}"))
+        for split, y in (("train", tr_y), ("val", va_y)):
+            if y is not None:
+                check_label_range(y, num_labels, split)
         train_b = None if tr_x is None else CachedBatches(tr_x.to(device), tr_y.to(device), extractor, piece_dims, bs,
                                                          args.seed, shuffle=True, pad=True)
         val_b = CachedBatches(va_x.to(device), va_y.to(device), extractor, piece_dims, bs, args.seed, False, False)
     else:
-        train_b = ImageBatches(train_dataset, extractor, bs, args.num_workers, device, args.seed, True, True)
-        val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False)
+        train_b = ImageBatches(train_dataset, extractor, bs, args.num_workers, device, args.seed, True, True,
+                               num_labels=num_labels, split="train")
+        val_b = ImageBatches(val_dataset, extractor, bs, args.num_workers, device, args.seed, False, False,
+                             num_labels=num_labels, split="val")
 
     heads: nn.Module = core
     if D.is_dist():
@@ -448,7 +596,8 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
                                 weight_decay=args.weight_decay)
     _print(f"linear probe: {len(core.specs)} head(s) {[s.name for s in core.specs]}, {num_labels} labels, "
            f"features {in_dims}, {len(train_dataset)} train / {len(val_dataset)} val images, "
-           f"global batch {bs * D.get_world_size()} (lr x {lr_scale:g})")
+           f"global batch {bs * D.get_world_size()} (lr x {lr_scale:g}); train augmentation: "
+           f"{describe_train_aug(args)}")
 
     result = {"heads": core.spec_dicts(), "num_labels": num_labels, "features": mode}
 

@@ -148,6 +148,7 @@ def build_parser() -> OneLineErrorParser:
                                 description="MaxBoxAccV2 (Choe et al., CVPR 2020) of a backbone's attention maps. "
                                             "Default data: the embedded dataset's val split and its boxes.")
     locdata.add_box_evaluator_args(p, RESULTS_FILE)
+    p.add_num_threads_flag()
     p.add_argument("--data_path", default=None, help="image folder (an ImageFolder split or CUB's images/)")
     p.add_argument("--boxes", default=None, help="boxes file: JSON {relpath: [[x0,y0,x1,y1]...]} or CUB bounding_boxes.txt")
     p.add_argument("--boxes_format", default="auto", choices=["auto", "json", "cub"], help="auto: by suffix (.json / .txt)")

@@ -7,7 +7,7 @@ from PIL import Image
 from dino_simpool.export import export_backbone
 from dino_simpool.models.backbones import build_backbone
 from dino_simpool.evaluation.attention import MIN_PANEL, TITLE_H, _minmax, attention_panels, colormap, \
-    save_attention_pngs, upsample
+    save_attention_pngs, stack_pictures, upsample
 from dino_simpool.evaluation.images import to_tensor
 from eval.attention import main
 from eval.discovery import cumulative_mass_mask
@@ -78,7 +78,7 @@ def test_attention_cli_on_files_and_folders(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--checkpoint", str(tmp_path / "exp"), "--images", str(imgs), "--output_dir", str(out),
                  "--threshold", "0.6"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["one.png", "sub__two.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["one.npy", "one.png", "sub__two.npy", "sub__two.png"]
     with Image.open(out / "sub__two.png") as im:
         assert im.size == expected_size(24, 40, 4)
     assert main(["--checkpoint", str(tmp_path / "exp"), "--output_dir", str(tmp_path / "emb"), "--num_images", "2",
@@ -86,7 +86,7 @@ def test_attention_cli_on_files_and_folders(tmp_path, capsys):
     assert len(list((tmp_path / "emb").glob("val_*.png"))) == 2
     w, h = expected_size(48, 48, 3)
     with Image.open(tmp_path / "all.png") as im:
-        assert im.size == (w, 2 * h + 4)
+        assert im.size == (w, 2 * (TITLE_H + h) + 4)  # a name strip above each row
     capsys.readouterr()
     assert main(["--checkpoint", str(tmp_path / "exp"), "--images", str(tmp_path / "none"), "--output_dir", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -155,8 +155,9 @@ def test_same_named_images_do_not_overwrite_each_other(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--checkpoint", str(tmp_path / "exp"), "--images", str(imgs), str(tmp_path / "x.png"),
                  "--output_dir", str(out), "--device", "cpu"]) == 0
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["a__x.png", "b__x.png", "x_jpg.png", "x_png.png", "x_png_2.png"]
+    assert sorted(p.name for p in out.glob("*.npy")) == [n[:-4] + ".npy" for n in names]
     assert "wrote 5 attention picture(s)" in capsys.readouterr().out
     pictures = [np.asarray(Image.open(out / n)) for n in names]
     assert len({p.tobytes() for p in pictures}) == 5  # five different pictures, none overwritten
@@ -176,3 +177,52 @@ def test_large_images_are_scaled_to_max_size():
     assert size == (120, 200)  # full size
     _, size = attention_panels(model, rgb(24, 40), max_size=64)
     assert size == (24, 40)  # never scaled up
+
+
+def test_raw_maps_are_saved_beside_the_pngs(tmp_path):
+    """Issue 13 §4: the maps behind the pictures, float32 at patch resolution, exactly what the model returned."""
+    img = rgb(40, 48, 7)
+    simpool = build_backbone("vit_tiny", pooling="simpool", **TINY).eval()
+    save_attention_pngs(simpool, [img], tmp_path / "sp", names=["a"])
+    assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["a.npy", "a.png"]
+    with torch.no_grad():
+        want = simpool.attention_maps(to_tensor(img, (40, 48))[None])
+    got = np.load(tmp_path / "sp" / "a.npy")
+    assert got.dtype == np.float32 and got.shape == (5, 6)
+    np.testing.assert_array_equal(got, want["pool"][0].numpy())
+
+    cls = build_backbone("vit_tiny", pooling="cls", **TINY).eval()
+    save_attention_pngs(cls, [img], tmp_path / "cls", names=["b"])
+    assert sorted(p.name for p in (tmp_path / "cls").iterdir()) == ["b.mean_blocks.npy", "b.npy", "b.png"]
+    with torch.no_grad():
+        want = cls.attention_maps(to_tensor(img, (40, 48))[None])
+    np.testing.assert_array_equal(np.load(tmp_path / "cls" / "b.npy"), want["heads"][0].numpy())  # (heads, h, w)
+    np.testing.assert_array_equal(np.load(tmp_path / "cls" / "b.mean_blocks.npy"), want["mean_blocks"][0].numpy())
+    assert np.load(tmp_path / "cls" / "b.npy").shape == (2, 5, 6)
+    # library callers may opt out; names whose map files would collide are refused before anything is written
+    save_attention_pngs(cls, [img], tmp_path / "nomaps", names=["c"], save_maps=False)
+    assert [p.name for p in (tmp_path / "nomaps").iterdir()] == ["c.png"]
+    with pytest.raises(ValueError, match="would write 'x.mean_blocks.npy'"):
+        save_attention_pngs(cls, [img, img], tmp_path / "clash", names=["x", "x.mean_blocks"])
+    assert not (tmp_path / "clash").exists()
+
+
+def test_combined_grid_names_each_row(tmp_path):
+    """Each row of the combined picture carries its image's name in a strip above it (drawn text, not white)."""
+    model = build_backbone("vit_tiny", pooling="simpool", **TINY)
+    paths = save_attention_pngs(model, [rgb(32, 32), rgb(32, 32, 1)], tmp_path, names=["first", "图 second"])
+    out = stack_pictures(paths, tmp_path / "grid" / "all.png")
+    with Image.open(paths[0]) as one:
+        w, h = one.size
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[:2] == (2 * (TITLE_H + h) + 4, w)
+    strips = [grid[:TITLE_H], grid[TITLE_H + h + 4:2 * TITLE_H + h + 4]]
+    for strip in strips:
+        assert (strip < 128).any() and (strip == 255).mean() > 0.5  # dark text on white
+    np.testing.assert_array_equal(grid[TITLE_H:TITLE_H + h], np.asarray(Image.open(paths[0])))
+    # the text is the label: other labels draw other pixels; no label strip stays blank
+    a = np.asarray(Image.open(stack_pictures(paths[:1], tmp_path / "a.png", labels=["first"])))[:TITLE_H]
+    b = np.asarray(Image.open(stack_pictures(paths[:1], tmp_path / "b.png", labels=["other"])))[:TITLE_H]
+    assert not np.array_equal(a, b) and np.array_equal(a, strips[0])
+    with pytest.raises(ValueError, match="2 labels for 1 pictures"):
+        stack_pictures(paths[:1], tmp_path / "c.png", labels=["x", "y"])

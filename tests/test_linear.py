@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint
+from dino_simpool.data import DataError
 from eval import linear
 from eval.linear_heads import FeatureExtractor, LinearHeads, cosine_lr, make_specs, parse_feature_set, topk_correct
 
@@ -245,8 +246,9 @@ def test_mismatched_head_checkpoint_is_a_clear_error(tmp_path):
         _run(tmp_path, "--lrs", "0.7")
     with pytest.raises(CheckpointError, match="input dim 16 saved vs 32 from this backbone"):
         _run(tmp_path, "--lrs", "0.5", "--evaluate", model=TinyViT(dim=32))
-    with pytest.raises(CheckpointError, match="num_labels 4 saved vs 10"):
-        _run(tmp_path, "--lrs", "0.5", "--evaluate", "--num_labels", "10")
+    with pytest.raises(CheckpointError, match="num_labels 4 saved vs 10"):  # a 10-class dataset now
+        linear.run(_args(tmp_path, "--lrs", "0.5", "--evaluate"), backbone=TinyViT(),
+                   train_dataset=Blobs(n_per_class=2, num_classes=10), val_dataset=Blobs(n_per_class=2, num_classes=10))
     with pytest.raises(CheckpointError, match="--epochs"):
         _run(tmp_path, "--lrs", "0.5", "--epochs", "9")
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -268,6 +270,15 @@ def test_vit_default_is_dino_n_last_blocks_4_for_cls_and_1_for_simpool(tmp_path)
     assert res["heads"][0]["feature_set"] == "last1" and res["heads"][0]["in_dim"] == 16
 
 
+def test_num_workers_default_counts_the_tasks_cpus_not_the_nodes(monkeypatch):
+    """Issue 15 §4: under Slurm (--cpus-per-task) or taskset the task may use fewer CPUs than os.cpu_count()."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert linear.get_args_parser().parse_args([]).num_workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert linear.get_args_parser().parse_args([]).num_workers == 10
+
+
 def test_local_rank_alias_of_torch_distributed_launch():
     args = linear.get_args_parser().parse_args(["--local-rank=3"])
     assert args.local_rank == 3
@@ -275,9 +286,109 @@ def test_local_rank_alias_of_torch_distributed_launch():
 
 def test_num_labels_from_dataset_or_flag(tmp_path):
     assert _run(tmp_path / "a", "--epochs", "1")["num_labels"] == 4
-    assert _run(tmp_path / "b", "--epochs", "1", "--num_labels", "7")["num_labels"] == 7
-    with pytest.raises(ValueError, match="smaller than the dataset's 4 classes"):
-        _run(tmp_path / "c", "--epochs", "1", "--num_labels", "3")
+    assert _run(tmp_path / "b", "--epochs", "1", "--num_labels", "4")["num_labels"] == 4
+    # larger is refused (issue 13 §1): the extra outputs only steal the argmax; smaller has no output for some labels
+    with pytest.raises(DataError, match="--num_labels 7 is larger than the dataset's 4 classes.*--num_labels 4"):
+        _run(tmp_path / "c", "--epochs", "1", "--num_labels", "7")
+    with pytest.raises(DataError, match="--num_labels 3 is smaller than the dataset's 4 classes.*--num_labels 4"):
+        _run(tmp_path / "d", "--epochs", "1", "--num_labels", "3")
+    assert not (tmp_path / "c" / "checkpoint.pth").exists()
+
+
+def test_train_aug_flags_default_to_dino_and_are_validated(capsys):
+    p = linear.get_args_parser()
+    a = linear.resolve_args(p.parse_args([]))
+    assert (a.train_aug, a.train_crop_scale) == ("dino", (0.08, 1.0))  # DINO's eval_linear.py
+    a = linear.resolve_args(p.parse_args(["--train_crop_scale", "0.5", "1"]))
+    assert (a.train_aug, a.train_crop_scale) == ("dino", (0.5, 1.0))
+    assert linear.resolve_args(p.parse_args(["--train_aug", "none"])).train_aug == "none"
+    assert linear.resolve_args(p.parse_args(["--cached_features"])).train_aug == "none"
+    for bad, msg in ((["--train_crop_scale", "0", "1"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_crop_scale", "0.6", "0.2"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_crop_scale", "0.5", "1.5"], "0 < LOW <= HIGH <= 1"),
+                     (["--train_aug", "none", "--train_crop_scale", "0.5", "1"], "has no random crop"),
+                     (["--cached_features", "--train_aug", "dino"], "do not apply"),
+                     (["--cached_features", "--train_crop_scale", "0.5", "1"], "do not apply")):
+        assert linear.main(bad + ["--output_dir", "/tmp/never"]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err, (bad, err)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--train_aug", "rrc"])
+
+
+def test_train_transform_dino_flip_and_none():
+    from PIL import Image
+
+    from dino_simpool.dino.augment import eval_transform
+    from torchvision import transforms as T
+
+    img = Image.fromarray(torch.randint(0, 255, (40, 48, 3), dtype=torch.uint8).numpy())
+    val = eval_transform(36, 32)(img)
+    torch.testing.assert_close(linear.train_transform(32, 36, "none")(img), val, rtol=0, atol=0)
+    flips = [linear.train_transform(32, 36, "flip")(img) for _ in range(16)]
+    assert all(torch.equal(f, val) or torch.equal(f, val.flip(-1)) for f in flips)
+    assert any(torch.equal(f, val) for f in flips) and any(torch.equal(f, val.flip(-1)) for f in flips)
+    dino = linear.train_transform(32, 36, "dino", (0.3, 0.7))
+    (rrc,) = [t for t in dino.transforms if isinstance(t, T.RandomResizedCrop)]
+    assert rrc.size == (32, 32) and rrc.scale == (0.3, 0.7)
+    assert linear.train_transform(32, 36).transforms[0].scale == (0.08, 1.0)  # DINO's default
+    assert dino(img).shape == (3, 32, 32)
+
+
+def test_train_aug_none_trains_as_cached_features(tmp_path, capsys):
+    """--train_aug none feeds the train split the val transform: the image-mode probe is then the same computation as
+    --cached_features (same heads, same accuracy), and the start-up line says which augmentation ran."""
+    _real_modules()
+    flags = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+             "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "6",
+             "--num_workers", "0", "--epochs", "2", "--lr", "0.5", "--batch_size_per_gpu", "20"]
+    assert linear.main(flags + ["--train_aug", "none", "--output_dir", str(tmp_path / "none")]) == 0
+    assert "train augmentation: Resize(36) + CenterCrop(32)" in capsys.readouterr().out
+    assert linear.main(flags + ["--cached_features", "--output_dir", str(tmp_path / "cached")]) == 0
+    a, b = _heads(tmp_path / "none"), _heads(tmp_path / "cached")
+    for k in a["heads"]:
+        torch.testing.assert_close(a["heads"][k], b["heads"][k], rtol=1e-4, atol=1e-6)
+    assert linear.main(flags + ["--train_crop_scale", "0.5", "1", "--output_dir", str(tmp_path / "rrc")]) == 0
+    assert "train augmentation: RandomResizedCrop(32, scale=(0.5, 1)) + flip" in capsys.readouterr().out
+    c = _heads(tmp_path / "rrc")
+    assert any(not torch.allclose(a["heads"][k], c["heads"][k]) for k in a["heads"])  # the crops did change training
+
+
+class MislabelledBlobs(Blobs):
+    """A dataset whose class list is shorter than its labels (4 label values, 3 class names)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.classes = self.classes[:3]
+
+
+@pytest.mark.parametrize("mode", ["images", "cached"])
+def test_labels_outside_the_class_count_are_a_clear_error(tmp_path, mode):
+    """Before: cross_entropy's deep "Target 3 is out of bounds" (a device-side assert on CUDA)."""
+    extra = ["--cached_features"] if mode == "cached" else []
+    args = _args(tmp_path, "--epochs", "1", *extra)
+    with pytest.raises(DataError, match="the train split has label 3, outside 0..2"):
+        linear.run(args, backbone=TinyViT(), train_dataset=MislabelledBlobs(), val_dataset=MislabelledBlobs(seed=1))
+
+
+def test_train_and_val_with_different_classes_are_refused(tmp_path):
+    va = Blobs(n_per_class=5, seed=1)
+    va.classes = ["c0", "c1", "c2", "other"]
+    with pytest.raises(DataError, match=r"different classes \(4 vs 4: only in train: \['c3'\]; only in val: "
+                                        r"\['other'\]\).*same class folders"):
+        linear.run(_args(tmp_path, "--epochs", "1"), backbone=TinyViT(), train_dataset=Blobs(), val_dataset=va)
+
+
+def test_cli_num_labels_mismatch_exits_2_with_one_line(tmp_path, capsys):
+    _real_modules()
+    base = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+            "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "2",
+            "--num_workers", "0", "--epochs", "1", "--output_dir", str(tmp_path)]
+    for n, word in (("1000", "larger"), ("5", "smaller")):
+        assert linear.main(base + ["--num_labels", n]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"dino-simpool-linear: error: --num_labels {n} is {word} than "
+                                                       f"the dataset's 10 classes"), err
 
 
 @pytest.fixture
@@ -373,6 +484,139 @@ def test_two_ranks_ddp_equal_one_process_with_the_global_batch(tmp_path):
     a, b = _heads(tmp_path / "ddp"), _heads(tmp_path / "single")
     for k in a["heads"]:
         torch.testing.assert_close(a["heads"][k], b["heads"][k], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------- a NaN on one rank stops every rank (issue 15 §2)
+ROOT = Path(__file__).resolve().parents[1]
+LINEAR_HOOKS = str(ROOT / "tests" / "linear_hooks.py")
+NAN_FLAGS = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "16", "--num_heads", "2", "--patch_size", "8",
+             "--resize", "36", "--crop", "32", "--synthetic_size", "32", "--synthetic_per_class", "4",
+             "--num_workers", "0", "--batch_size_per_gpu", "10", "--epochs", "3", "--lr", "0.1", "--backend", "gloo"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1", DINO_SIMPOOL_TEST_LINEAR_NAN_RANK="1",
+               DINO_SIMPOOL_TEST_LINEAR_NAN_STEP="4", **extra)  # 40 images / 2 ranks / batch 10: 2 steps per epoch
+    return env
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_both_ranks_with_exit_3(tmp_path):
+    """Two bare ranks (as srun starts them: no torchrun agent to kill the survivors), the loss NaN on rank 1 only, in
+    epoch 2: both ranks exit 3 with the agreed message, within seconds. Before the fix only rank 1 raised; rank 0
+    sat in DDP's gradient all-reduce, and died with gloo's "Connection closed by peer" traceback (exit 1) once rank 1
+    had gone (with NCCL it waits there until the process-group timeout, 30 minutes)."""
+    import subprocess
+    import time
+
+    port = _free_port()
+    procs = []
+    t0 = time.monotonic()
+    for rank in range(2):
+        env = _rank_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, LINEAR_HOOKS, *NAN_FLAGS, "--output_dir", str(tmp_path)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    spent = time.monotonic() - t0
+    codes = [p.returncode for p in procs]
+    assert codes == [3, 3], (codes, [o[1][-2000:] for o in outs])
+    for _, err in outs:
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("dino-simpool-linear: error: non-finite loss at epoch 2, step 2 on rank(s) [1] of 2")
+        assert "every rank stops here" in line
+    assert "per-head losses [nan]" in outs[1][1] and "per-head losses" not in outs[0][1]  # only rank 1 has them
+    # epoch 1 finished and was saved; the NaN step was never applied to the saved heads
+    ck = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["heads"].values())
+    assert spent < 200  # a stuck rank would hit the communicate timeout above
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nan_on_one_rank_under_torchrun_rank_0_stops_by_itself(tmp_path):
+    """The same under ``torchrun --standalone --nproc_per_node=2``. torchrun's agent kills the other ranks once one
+    has failed, which would hide a stuck rank; so each rank writes the code ``main`` returned (tests/linear_hooks.py)
+    and the poisoned rank lingers 5 s: rank 0 must have returned 3 by itself, before the agent could kill it."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = _rank_env(DINO_SIMPOOL_TEST_EXIT_DIR=str(tmp_path / "exits"), DINO_SIMPOOL_TEST_LINGER_S="5")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", LINEAR_HOOKS, *NAN_FLAGS,
+                        "--output_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert r.returncode != 0
+    exits = {p.name: p.read_text().strip() for p in (tmp_path / "exits").glob("*.exit")}
+    assert exits.get("rank0.exit") == "3", (exits, r.stderr[-3000:])
+    assert r.stderr.count("non-finite loss at epoch 2, step 2 on rank(s) [1] of 2") == 2, r.stderr[-3000:]
+
+
+def _bad_label_worker(rank, world, port, out_dir, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        tr, va = _data()
+        tr.targets[7] = 4  # one image of 160 has a label outside the 4 classes: it lands in one rank's shard only
+        args = linear.get_args_parser().parse_args(
+            ["--output_dir", out_dir, "--epochs", "1", "--batch_size_per_gpu", "16", "--num_workers", "0",
+             "--lr", "0.5", "--backend", "gloo"])
+        try:
+            linear.run(args, backbone=TinyViT(), train_dataset=tr, val_dataset=va)
+            q.put((rank, "finished", ""))
+        except DataError as e:
+            q.put((rank, "DataError", str(e)))
+    finally:
+        from dino_simpool import distributed as du
+
+        du.cleanup()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bad_label_on_one_rank_stops_both_ranks(tmp_path):
+    """The rank whose batch holds the bad label names it; the other stops at the same step with a DataError too
+    (before: the other rank sat in DDP's all-reduce and died with gloo's connection error)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_bad_label_worker, args=(r, 2, port, str(tmp_path), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    assert codes == [0, 0], codes
+    got = dict((r, (kind, msg)) for r, kind, msg in (q.get(timeout=5) for _ in range(2)))
+    assert {kind for kind, _ in got.values()} == {"DataError"}, got
+    msgs = sorted(msg for _, msg in got.values())
+    assert any("the train split has label 4, outside 0..3" in m for m in msgs), msgs
+    assert any("labels outside the heads' range on rank(s) [" in m and "of 2" in m for m in msgs), msgs
 
 
 # --------------------------------------------------------------------------------- with the real modules
