@@ -60,13 +60,13 @@ def test_backends_match_float64_reference(num_classes, T):
 
 
 def test_prenormalised_bank_zero_copy_path_agrees():
-    from dino_simpool.evaluation.knn import _FaissSearcher
+    from dino_simpool.evaluation.knn import _FaissBlocks
     g = torch.Generator().manual_seed(2)
     raw, test = torch.randn(200, 16, generator=g) * 2, torch.randn(20, 16, generator=g)
     tl, sl = torch.randint(0, 6, (200,), generator=g), torch.randint(0, 6, (20,), generator=g)
     unit = torch.nn.functional.normalize(raw, dim=1)
-    assert "zero-copy" in _FaissSearcher(unit, use_gpu=False).mode
-    assert "IndexFlatIP" in _FaissSearcher(raw, use_gpu=False).mode
+    assert "zero-copy" in _FaissBlocks(test, True, 8, False, False, 64).name()
+    assert "block by block" in _FaissBlocks(test, False, 8, False, False, 64).name()
     ks = (1, 7, 30)
     r_unit, p_unit = knn_classify(unit, tl, test, sl, ks=ks, return_predictions=True)
     r_raw, p_raw = knn_classify(raw, tl, test, sl, ks=ks, return_predictions=True)
@@ -80,7 +80,7 @@ def test_chunking_does_not_change_results():
     train, test = torch.randn(300, 16, generator=g), torch.randn(37, 16, generator=g)
     tl, sl = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (37,), generator=g)
     base = knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss")
-    assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss", query_chunk=5, add_chunk=7) == base
+    assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss", query_chunk=5, bank_block=7) == base
     assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="torch", query_chunk=4) == base
 
 
