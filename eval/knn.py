@@ -20,7 +20,7 @@ from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, prin
 from dino_simpool.data import build_dataset
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.evaluation.features import UNREADABLE, extract_features
-from dino_simpool.evaluation.knn import (BACKENDS, DEFAULT_KS, check_ks, extract_bank_shard, knn_classify,
+from dino_simpool.evaluation.knn import (BACKENDS, BANK_BLOCK, DEFAULT_KS, check_ks, extract_bank_shard, knn_classify,
                                          knn_classify_shard, l2_normalize, resolve_backend)
 
 from .features import DUMP_FORMATS, load_features, save_features
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist_backend", default=None, choices=["nccl", "gloo"],
                    help="process-group backend (default: nccl with CUDA, else gloo)")
     p.add_argument("--fp16_bank", action="store_true", help="faiss GPU: store the bank in fp16")
+    p.add_argument("--bank_block", default=BANK_BLOCK, type=int,
+                   help="bank rows searched per step, and the unit in which the bank is split over the ranks")
     p.add_argument("--n_last_blocks", default=4, type=int, help="ignored (SimPool eval_knn compat)")
     return p
 
@@ -89,6 +91,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"need 0 < --crop <= --resize; got --resize {args.resize} --crop {args.crop}")
     if args.num_workers < 0:
         raise ValueError(f"--num_workers must be >= 0; got {args.num_workers}")
+    if args.bank_block < 1:
+        raise ValueError(f"--bank_block must be >= 1; got {args.bank_block}")
     search, pg = "auto", args.dist_backend
     if args.backend in BACKENDS:
         search = args.backend
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
                 _log(f"features dumped to {path} ({args.dump_format})")
         else:  # each rank embeds and keeps only its own rows of the bank
             shard = extract_bank_shard(model, ds_train, args.batch_size_per_gpu, args.num_workers, device,
-                                       desc="train features")
+                                       args.bank_block, desc="train features")
     t_feat = time.time() - t0
 
     num_classes = len(classes) if classes else None
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     t1 = time.time()
     if shard is None:  # the whole bank on every rank: each searches its part (knn_classify's distributed split)
         results = knn_classify(bundle["train_feats"], bundle["train_labels"], bundle["test_feats"],
-                               bundle["test_labels"], distributed=True, **opts)
+                               bundle["test_labels"], distributed=True, bank_block=args.bank_block, **opts)
         n_train = int(bundle["train_feats"].shape[0])
         train_labels = bundle["train_labels"]
     else:

@@ -301,3 +301,53 @@ def test_a_wrong_shard_on_one_rank_fails_on_every_rank(tmp_path):
     mp.spawn(_bad_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert "does not match shard_rows" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_knn_command_on_two_ranks_equals_one_rank(tmp_path):
+    """``torchrun -m eval.knn`` on 2 gloo ranks: each rank embeds and searches its part of the bank; the results
+    equal one process's, with extraction (the bank never gathered) and with --load_features (the whole bank on
+    every rank, the search split)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dino_simpool.checkpoint import save_atomic
+    from dino_simpool.models.backbones import build_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    g = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in "abc":
+            (data / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((g.random((32, 32, 3)) * 255).astype("uint8")).save(data / split / c / f"{i}.png")
+    m = build_backbone("vit_tiny", depth=1, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+    sd = {f"backbone.{k}": v for k, v in m.state_dict().items()}
+    ckpt = save_atomic({"teacher": sd, "config": {"backbone": m.config}}, tmp_path / "checkpoint.pth")
+    common = ["--pretrained_weights", str(ckpt), "--data_path", str(data), "--resize", "32", "--crop", "32",
+              "--num_workers", "0", "--nb_knn", "1", "3", "20", "--batch_size_per_gpu", "2", "--bank_block", "4"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+    def run(nproc, name, *extra):
+        cmd = ([torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "eval.knn"] if nproc > 1
+               else [sys.executable, "-m", "eval.knn"])
+        r = subprocess.run(cmd + common + ["--output_dir", str(tmp_path / name), *extra], capture_output=True,
+                           text=True, cwd=root, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return json.loads((tmp_path / name / "knn_results.json").read_text()), r.stdout
+
+    one, _ = run(1, "one", "--dump_features", str(tmp_path / "f"))
+    two, out = run(2, "two")  # no dump: the bank stays sharded (blocks of 4 rows: 2 on each rank)
+    assert two["world_size"] == 2 and "FLOP over 2 rank(s)" in out and "in 2 block(s)" in out
+    assert two["results"] == one["results"] and two["n_train"] == one["n_train"] == 15
+    loaded, _ = run(2, "loaded", "--load_features", str(tmp_path / "f"))
+    assert loaded["results"] == one["results"]
