@@ -185,38 +185,56 @@ def search_flops(n_query: int, n_bank: int, dim: int) -> int:
 
 
 def periodic_knn_memory(n_bank: int, n_query: int, dim: int, world: int, kmax: int = 200, backend: str = "torch",
-                        bank_block: int = BANK_BLOCK, gather_chunk: int = GATHER_CHUNK) -> dict[str, int]:
-    """Peak bytes per rank of :func:`knn_accuracy` (training's periodic k-NN), from the code's own chunk sizes.
+                        nccl: bool = True, bank_block: int = BANK_BLOCK, gather_chunk: int = GATHER_CHUNK
+                        ) -> dict[str, int]:
+    """Peak bytes per rank of :func:`knn_accuracy` (training's periodic k-NN), computed from the code's own chunk
+    sizes (no GPU needed): ``{"host": ..., "device": ...}`` for the rank with the most bank rows, plus each phase's
+    ``<phase>_host`` / ``<phase>_device``.
 
-    ``backend``: ``"torch"`` (the search on the training GPU) or ``"faiss"`` (faiss-cpu; the raw features are
-    normalised one block at a time). Returns the phases' peaks: ``host``/``device`` of the val gather (every rank
-    ends with the val set), and of the search (the rank with the most rows), plus the totals.
+    ``backend``: ``"torch"`` (the search on the training GPU: faiss without GPU support) or ``"faiss"`` (faiss-cpu
+    on a CPU node; raw features normalised one block at a time). ``nccl``: the collectives' buffers live on the GPU
+    (else, gloo, on the host). Phases: ``val`` (the val set embedded in shards and gathered to every rank), ``bank``
+    (this rank's rows embedded, never gathered), ``search`` (all queries against this rank's blocks) and ``merge``
+    (the voting rank's gathered candidates). Model activations and the training's own memory are not counted.
     """
     f32, i64 = 4, 8
     rows = max(len(shard_rows(n_bank, world, r, bank_block)) for r in range(world))
     c = gather_rows_per_rank(world, gather_chunk)
     local_q = -(-n_query // world)
-    val = n_query * dim * f32
-    # the bank is embedded on its rank and stays there (no gather); the val set is gathered to every rank
-    gather_host = rows * dim * f32 + local_q * dim * f32 + val + 2 * world * c * dim * f32  # buffer + kept rows
-    gather_dev = (world + 1) * c * dim * f32 if world > 1 else 0
-    labels = n_bank * i64
-    best = n_query * kmax * i64
-    merge = world * min(n_query, merge_chunk(world, kmax)) * kmax * i64 if world > 1 else 0
+    val, shard = n_query * dim * f32, rows * dim * f32
     block = min(bank_block, max(rows, 1))
+    best = n_query * kmax * i64
+    # val: this rank's rows, the gathered set; per step the comm buffers (this rank's c rows, world x c received),
+    # their host copy and the rows kept from it (_gather_in_dataset_order)
+    comm = (world + 1) * c * dim * f32 if world > 1 else 0
+    out = {"val_host": local_q * dim * f32 + val + (2 * world * c * dim * f32 if world > 1 else 0)
+           + (0 if nccl else comm), "val_device": comm if nccl else 0,
+           "bank_host": val + shard, "bank_device": 0}
+    # from the search on: the val set, its normalised copy, this rank's rows and the whole bank's labels
+    base = 2 * val + shard + n_bank * i64
+    mc = min(n_query, merge_chunk(world, kmax))
+    merge = 2 * world * mc * kmax * i64 if world > 1 else 0  # the gathered keys and their concatenation
+    vote_host = mc * kmax * (i64 + f32 + i64) + VOTE_CELLS * i64 * 3  # a chunk's keys, sims, labels; vote scores
     if backend == "torch":
         qc = min(n_query, torch_query_chunk(bank_block))
         q_dev = val if val <= QUERY_DEVICE_BYTES else qc * dim * f32
-        search_dev = q_dev + block * dim * f32 + 24 * qc * block + 2 * best + qc * 2 * kmax * i64 + merge
-        search_host = rows * dim * f32 + val * 2 + labels  # the shard, the val set and its normalised copy
+        # the block and its normalised copy; a chunk's similarities (4 B), keys and their temporary (2 x 8 B);
+        # the running best keys, a chunk's block top-k, their concatenation and its top-k
+        out["search_device"] = q_dev + 2 * block * dim * f32 + 20 * qc * block + best + qc * kmax * i64 * 4
+        out["search_host"] = base
+        out["merge_device"] = best + (merge if nccl else 0)
+        out["merge_host"] = base + (0 if nccl else merge) + vote_host
     else:
         qc = min(n_query, FAISS_QUERY_CHUNK)
-        search_dev = merge
-        search_host = (rows * dim * f32 + val * 2 + labels + block * dim * f32 + best
-                       + qc * kmax * (f32 + i64) * 3)
-    return {"gather_host": gather_host, "gather_device": gather_dev, "search_host": search_host,
-            "search_device": search_dev, "host": max(gather_host, search_host),
-            "device": max(gather_dev, search_dev)}
+        # a normalised block; faiss' sims and ids of a query chunk, their keys (with a temporary), the
+        # concatenation with the running best and its top-k
+        out["search_device"] = 0
+        out["search_host"] = base + block * dim * f32 + best + qc * kmax * (f32 + i64 + 2 * i64 + 2 * i64 + i64)
+        out["merge_device"] = merge if nccl else 0
+        out["merge_host"] = base + best + (0 if nccl else merge) + vote_host
+    out["host"] = max(out[f"{p}_host"] for p in ("val", "bank", "search", "merge"))
+    out["device"] = max(out[f"{p}_device"] for p in ("val", "bank", "search", "merge"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
