@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import faiss
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
