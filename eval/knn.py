@@ -16,47 +16,68 @@ import torch
 
 from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CheckpointError
-from dino_simpool.cli import OneLineErrorParser, bool_flag, print_error
+from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, print_error
 from dino_simpool.data import build_dataset
 from dino_simpool.data.folder import list_subfolders
 from dino_simpool.dino.augment import eval_transform
-from dino_simpool.evaluation.features import extract_features
-from dino_simpool.evaluation.knn import BACKENDS, DEFAULT_KS, check_ks, knn_classify, l2_normalize
+from dino_simpool.evaluation.features import UNREADABLE, extract_features
+from dino_simpool.evaluation.knn import (BACKENDS, BANK_BLOCK, DEFAULT_KS, check_ks, extract_bank_shard, knn_classify,
+                                         knn_classify_shard, l2_normalize, resolve_backend)
 
-from .features import load_features, save_features
+from .features import DUMP_FORMATS, load_features, save_features
 from .model_args import add_model_args, build_model, model_overrides
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every flag's default: argparse's ``(default: X)``, unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help.lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    workers = min(10, available_cpus())
     p = OneLineErrorParser(
         "dino-simpool-knn",
-        description="Weighted k-NN evaluation of a (DINO/SimPool) backbone, DINO's protocol, faiss search.",
+        description="Weighted k-NN evaluation of a (DINO/SimPool) backbone, DINO's protocol; the search is split "
+                    "over the ranks (faiss, or torch on the GPU when faiss has none).",
+        formatter_class=DefaultsHelpFormatter,
     )
-    add_model_args(p)
+    add_model_args(p, seed=True)
     p.add_num_threads_flag()
-    p.add_argument("--batch_size_per_gpu", default=128, type=int)
+    p.add_argument("--batch_size_per_gpu", default=128, type=int, help="extraction batch per process")
     p.add_argument("--nb_knn", default=list(DEFAULT_KS), nargs="+", type=int, help="k values (one search serves all)")
     p.add_argument("--temperature", default=0.07, type=float, help="vote weight exp(sim / T)")
     p.add_argument("--use_cuda", default=True, type=bool_flag, nargs="?", const=True,
                    help="use the GPU (model and search) when one is present; false keeps everything on the CPU")
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--dump_features", default=None, type=str, help="save features, labels and class names to this folder")
-    p.add_argument("--dump_format", default="safetensors", choices=["safetensors", "npy"])
-    p.add_argument("--load_features", default=None, type=str, help="load dumped features from this folder (no extraction)")
+    p.add_argument("--num_workers", default=workers, type=int,
+                   help=f"extraction loader workers (default: min(10, the CPUs this task may use) = {workers} here)")
+    p.add_argument("--dump_features", default=None, type=str,
+                   help="save L2-normalised features, labels and class names to this folder")
+    p.add_argument("--dump_format", default="safetensors", choices=list(DUMP_FORMATS),
+                   help="safetensors: features.safetensors; dino: DINO's trainfeat.pth, testfeat.pth, "
+                        "trainlabels.pth, testlabels.pth; npy: four .npy files")
+    p.add_argument("--load_features", default=None, type=str,
+                   help="load dumped features from this folder (any of the three formats; no extraction)")
     p.add_argument("--data_path", default=None, type=str,
                    help="ImageFolder root with train/ and val/; not given = the embedded synthetic dataset")
     p.add_argument("--resize", default=256, type=int, help="eval transform: resize (bicubic)")
     p.add_argument("--crop", default=224, type=int, help="eval transform: center crop")
     p.add_argument("--synthetic_size", default=64, type=int, help="image size of the embedded synthetic dataset")
     p.add_argument("--output_dir", default=".", type=str, help="where knn_results.json is written")
-    p.add_argument("--dist_url", default="env://", type=str)
+    p.add_argument("--dist_url", default="env://", type=str, help="process-group init method")
     p.add_argument("--local_rank", "--local-rank", default=0, type=int, help="ignored (torch.distributed.launch compat)")
-    p.add_argument("--backend", default="faiss", choices=["faiss", "torch", "nccl", "gloo"],
-                   help="faiss|torch: the search backend; nccl|gloo: the process-group backend (SimPool eval_knn "
-                        "compat; the search then stays faiss)")
+    p.add_argument("--backend", default="auto", choices=[*BACKENDS, "nccl", "gloo"],
+                   help="auto|faiss|torch: the search backend (auto: faiss GPU, else torch on a GPU, else faiss "
+                        "CPU); nccl|gloo: the process-group backend (SimPool eval_knn compat; the search is then auto)")
     p.add_argument("--search_backend", default=None, choices=list(BACKENDS), help="explicit search backend")
-    p.add_argument("--dist_backend", default=None, choices=["nccl", "gloo"], help="process-group backend")
+    p.add_argument("--dist_backend", default=None, choices=["nccl", "gloo"],
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
     p.add_argument("--fp16_bank", action="store_true", help="faiss GPU: store the bank in fp16")
+    p.add_argument("--bank_block", default=BANK_BLOCK, type=int,
+                   help="bank rows searched per step, and the unit in which the bank is split over the ranks")
     p.add_argument("--n_last_blocks", default=4, type=int, help="ignored (SimPool eval_knn compat)")
     return p
 
@@ -70,7 +91,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--batch_size_per_gpu must be > 0; got {args.batch_size_per_gpu}")
     if args.resize <= 0 or args.crop <= 0 or args.crop > args.resize:
         raise ValueError(f"need 0 < --crop <= --resize; got --resize {args.resize} --crop {args.crop}")
-    search, pg = "faiss", args.dist_backend
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0; got {args.num_workers}")
+    if args.bank_block < 1:
+        raise ValueError(f"--bank_block must be >= 1; got {args.bank_block}")
+    search, pg = "auto", args.dist_backend
     if args.backend in BACKENDS:
         search = args.backend
     elif pg is None:
@@ -148,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     use_cuda = bool(args.use_cuda) and torch.cuda.is_available()
     device = D.device_for(env) if use_cuda else torch.device("cpu")
     t0 = time.time()
+    shard = None  # this rank's part of the bank, when the bank is never gathered (no dump)
     if args.load_features:
         bundle = load_features(args.load_features)
         _log(f"loaded features from {args.load_features}: train {tuple(bundle['train_feats'].shape)}, "
@@ -164,37 +190,50 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"empty dataset: train has {len(ds_train)} images, val {len(ds_val)}")
         _log(f"data: {args.data_path or 'embedded synthetic dataset'}: train {len(ds_train)} images, val {len(ds_val)} "
              f"images, {len(ds_train.classes)} classes")
-        train_feats, train_labels = extract_features(model, ds_train, args.batch_size_per_gpu, args.num_workers,
-                                                     device, desc="train features")
+        classes = list(ds_train.classes)
         test_feats, test_labels = extract_features(model, ds_val, args.batch_size_per_gpu, args.num_workers,
                                                    device, desc="val features")
         test_labels = remap_val_labels(ds_train.classes, ds_val.classes, test_labels)
-        classes = list(ds_train.classes)
-        bundle = {"train_feats": l2_normalize(train_feats), "train_labels": train_labels,
-                  "test_feats": l2_normalize(test_feats), "test_labels": test_labels}
-        if args.dump_features and D.is_main_process():
-            path = save_features(args.dump_features, bundle["train_feats"], train_labels, bundle["test_feats"],
-                                 test_labels, classes, fmt=args.dump_format)
-            _log(f"features dumped to {path}")
+        bundle = {"test_feats": l2_normalize(test_feats), "test_labels": test_labels}
+        if args.dump_features:  # the dump needs the whole bank: gathered to every rank
+            train_feats, train_labels = extract_features(model, ds_train, args.batch_size_per_gpu, args.num_workers,
+                                                         device, desc="train features")
+            bundle.update(train_feats=l2_normalize(train_feats), train_labels=train_labels)
+            if D.is_main_process():
+                path = save_features(args.dump_features, bundle["train_feats"], train_labels, bundle["test_feats"],
+                                     test_labels, classes, fmt=args.dump_format)
+                _log(f"features dumped to {path} ({args.dump_format})")
+        else:  # each rank embeds and keeps only its own rows of the bank
+            shard = extract_bank_shard(model, ds_train, args.batch_size_per_gpu, args.num_workers, device,
+                                       args.bank_block, desc="train features")
     t_feat = time.time() - t0
 
-    results = None
-    if D.is_main_process():  # every rank holds the features; the search runs once, on rank 0
-        t1 = time.time()
+    num_classes = len(classes) if classes else None
+    search, _ = resolve_backend(args.search_backend, device, None if use_cuda else False, max(args.nb_knn))
+    opts = dict(ks=args.nb_knn, T=args.temperature, backend=args.search_backend, num_classes=num_classes,
+                use_gpu=None if use_cuda else False, fp16_bank=args.fp16_bank, device=device, log=_log)
+    t1 = time.time()
+    if shard is None:  # the whole bank on every rank: each searches its part (knn_classify's distributed split)
         results = knn_classify(bundle["train_feats"], bundle["train_labels"], bundle["test_feats"],
-                               bundle["test_labels"], ks=args.nb_knn, T=args.temperature, backend=args.search_backend,
-                               num_classes=len(classes) if classes else None,
-                               use_gpu=None if use_cuda else False, fp16_bank=args.fp16_bank, device=device)
-        t_search = time.time() - t1
-        print(format_table(results, f"weighted k-NN (T={args.temperature}, {args.search_backend} search)"), flush=True)
+                               bundle["test_labels"], distributed=True, bank_block=args.bank_block, **opts)
+        n_train = int(bundle["train_feats"].shape[0])
+        train_labels = bundle["train_labels"]
+    else:
+        results = knn_classify_shard(shard, bundle["test_feats"], bundle["test_labels"], **opts)
+        train_labels = shard.labels[shard.labels != UNREADABLE]
+        n_train = int(train_labels.numel())
+    t_search = time.time() - t1
+    if D.is_main_process():  # every rank has the same results; rank 0 reports them
+        print(format_table(results, f"weighted k-NN (T={args.temperature}, {search} search)"), flush=True)
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         payload = {
             "results": {str(k): {"top1": t1_, "top5": t5_} for k, (t1_, t5_) in results.items()},
-            "n_train": int(bundle["train_feats"].shape[0]), "n_test": int(bundle["test_feats"].shape[0]),
-            "num_classes": len(classes) if classes else int(bundle["train_labels"].max()) + 1,
-            "temperature": args.temperature, "search_backend": args.search_backend,
+            "n_train": n_train, "n_test": int(bundle["test_feats"].shape[0]),
+            "num_classes": num_classes or int(train_labels.max()) + 1,
+            "temperature": args.temperature, "search_backend": search, "world_size": D.get_world_size(),
             "pretrained_weights": args.pretrained_weights or None, "checkpoint_key": args.checkpoint_key,
+            "seed": None if args.pretrained_weights or args.load_features else args.seed,
             "data_path": args.data_path, "load_features": args.load_features,
             "seconds": {"features": round(t_feat, 3), "search": round(t_search, 3)},
         }

@@ -181,7 +181,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 def add_box_evaluator_args(p: argparse.ArgumentParser, results_file: str) -> None:
     """The flags that MaxBoxAccV2 and CorLoc share (:func:`run_box_evaluator` reads them): the model, the embedded
     dataset, the input size, the batch, a subset and where ``results_file`` goes."""
-    add_model_args(p, device=True)
+    add_model_args(p, device=True, seed=True)
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
     p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
     add_size_args(p)

@@ -6,6 +6,9 @@ k-NN, the linear probe, the attention pictures, localization, discovery and expo
 * ``--pretrained_weights`` (alias ``--checkpoint``): a training checkpoint, an export folder or a foreign weight file
   (DINO, timm, official SimPool); empty = a randomly initialised backbone (a baseline, said in a warning);
 * ``--checkpoint_key`` (alias ``--key``): which network of a training checkpoint, ``teacher`` (default) or ``student``;
+* ``--seed`` (where the evaluator asks for it, ``add_model_args(seed=True)``): the seed of a randomly initialised
+  backbone, so that a random-init baseline is the same network every time (an evaluator with a ``--seed`` of its
+  own, the linear probe's, gets the same effect: :func:`build_model` reads ``args.seed`` when there is one);
 * ``--arch``, ``--pooling``, ``--mode``, ``--gamma``, ``--patch_size`` and the tiny-model ``--depth``,
   ``--embed_dim``, ``--num_heads``: a flag left unset comes from the checkpoint's stored config (or its
   ``config.json``, or what its keys show); without weights, from ``build_backbone``'s defaults (``vit_small``,
@@ -41,8 +44,10 @@ def gamma_flag(value: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_args(parser: argparse.ArgumentParser, weights_required: bool = False, device: bool = False) -> None:
-    """Add the model flags (module docstring) to ``parser``, in their own help group; ``device`` adds ``--device``."""
+def add_model_args(parser: argparse.ArgumentParser, weights_required: bool = False, device: bool = False,
+                   seed: bool = False) -> None:
+    """Add the model flags (module docstring) to ``parser``, in their own help group; ``device`` adds ``--device``,
+    ``seed`` adds ``--seed`` (for evaluators without a ``--seed`` of their own)."""
     g = parser.add_argument_group("model (a flag left unset comes from the checkpoint's stored config)")
     g.add_argument("--pretrained_weights", "--checkpoint", dest="pretrained_weights", default="", type=str,
                    required=weights_required,
@@ -68,6 +73,10 @@ def add_model_args(parser: argparse.ArgumentParser, weights_required: bool = Fal
     if device:
         g.add_argument("--device", default=None, type=str,
                        help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    if seed:
+        g.add_argument("--seed", default=0, type=int,
+                       help="seed of the randomly initialised backbone when no --pretrained_weights are given (the "
+                            "random-init baseline: the same seed, the same network)")
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +119,8 @@ def build_model(args: argparse.Namespace, device: torch.device | None = None, *,
 
     An export folder (``dino-simpool-export``) loads through its own loader unless a flag overrides its config.
     ``img_size``: a randomly initialised ViT's position-embedding grid (the linear probe passes its crop; default
-    224). ``log`` gets one line: what was loaded, or the random-init warning."""
+    224). ``log`` gets one line: what was loaded, or the random-init warning. A random init is seeded with
+    ``args.seed`` when the evaluator has one (``torch.manual_seed``: the same seed, the same network)."""
     overrides = model_overrides(args)
     weights = args.pretrained_weights
     if weights:
@@ -126,9 +136,13 @@ def build_model(args: argparse.Namespace, device: torch.device | None = None, *,
         overrides.setdefault("arch", DEFAULT_ARCH)
         if img_size is not None and arch_family(overrides["arch"]) == "vit":
             overrides["img_size"] = img_size
+        seed = getattr(args, "seed", None)
+        if seed is not None:
+            torch.manual_seed(int(seed))
         model = build_backbone(**overrides)
         log(f"WARNING: no --pretrained_weights: evaluating a RANDOMLY INITIALISED {overrides['arch']} (pooling "
-            f"{model.config['pooling']}): a random-init baseline, not a trained model (nothing is downloaded)")
+            f"{model.config['pooling']}{'' if seed is None else f', seed {seed}'}): a random-init baseline, not a "
+            f"trained model (nothing is downloaded)")
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -137,3 +137,60 @@ def test_load_dino_style_npy_names_and_errors(tmp_path):
     (tmp_path / "features.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read"):
         load_features(tmp_path)
+
+
+def _dino_dump(d, tf, tl, sf, sl):
+    """What DINO's eval_knn.py --dump_features writes: four torch.save'd tensors."""
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(tf, d / "trainfeat.pth")
+    torch.save(sf, d / "testfeat.pth")
+    torch.save(tl, d / "trainlabels.pth")
+    torch.save(sl, d / "testlabels.pth")
+
+
+def test_load_dino_pth_dump(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tf, tl = torch.nn.functional.normalize(torch.randn(9, 4, generator=g), dim=1), torch.arange(9) % 3
+    sf, sl = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1), torch.tensor([0, 2, 2, 1, 0])
+    _dino_dump(tmp_path / "d", tf, tl, sf, sl)
+    b = load_features(tmp_path / "d")
+    for k, v in [("train_feats", tf), ("train_labels", tl), ("test_feats", sf), ("test_labels", sl)]:
+        assert torch.equal(b[k], v), k
+    assert b["classes"] is None
+
+
+def test_dino_dump_errors_are_one_line(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    _dino_dump(tmp_path, torch.randn(3, 2, generator=g), torch.arange(3), torch.randn(1, 2, generator=g),
+               torch.tensor([1]))
+    (tmp_path / "testlabels.pth").unlink()
+    with pytest.raises(ValueError, match="missing testlabels.pth"):
+        load_features(tmp_path)
+    torch.save({"not": "a tensor"}, tmp_path / "testlabels.pth")
+    with pytest.raises(ValueError, match="not a tensor"):
+        load_features(tmp_path)
+
+    class Evil:  # a pickle that would run code: weights_only=True refuses it
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    import pickle
+    with open(tmp_path / "testlabels.pth", "wb") as f:
+        pickle.dump(Evil(), f)
+    with pytest.raises(ValueError, match="cannot read .*testlabels.pth"):
+        load_features(tmp_path)
+    torch.save(torch.tensor([0.5]), tmp_path / "testlabels.pth")
+    with pytest.raises(ValueError, match="test labels must be a 1-D integer tensor"):
+        load_features(tmp_path)
+
+
+def test_dump_in_dino_format_is_what_dino_loads(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tf, tl = torch.randn(9, 4, generator=g), torch.arange(9) % 3
+    sf, sl = torch.randn(5, 4, generator=g), torch.tensor([0, 2, 2, 1, 0])
+    save_features(tmp_path, tf, tl, sf, sl, ["a", "b", "c"], fmt="dino")
+    # DINO's eval_knn.py --load_features: torch.load of each file
+    for name, v in [("trainfeat.pth", tf), ("trainlabels.pth", tl), ("testfeat.pth", sf), ("testlabels.pth", sl)]:
+        assert torch.equal(torch.load(tmp_path / name, weights_only=True), v), name
+    assert not (tmp_path / "features.safetensors").exists()
+    assert load_features(tmp_path)["classes"] == ["a", "b", "c"]

@@ -1,6 +1,8 @@
 """k-NN search and vote (dino_simpool/evaluation/knn.py), the dino-simpool-knn command (eval/knn.py): backends agree with a float64 hand-written vote, hand-worked cases, CLI errors."""
+import argparse
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -60,13 +62,13 @@ def test_backends_match_float64_reference(num_classes, T):
 
 
 def test_prenormalised_bank_zero_copy_path_agrees():
-    from dino_simpool.evaluation.knn import _FaissSearcher
+    from dino_simpool.evaluation.knn import _FaissBlocks
     g = torch.Generator().manual_seed(2)
     raw, test = torch.randn(200, 16, generator=g) * 2, torch.randn(20, 16, generator=g)
     tl, sl = torch.randint(0, 6, (200,), generator=g), torch.randint(0, 6, (20,), generator=g)
     unit = torch.nn.functional.normalize(raw, dim=1)
-    assert "zero-copy" in _FaissSearcher(unit, use_gpu=False).mode
-    assert "IndexFlatIP" in _FaissSearcher(raw, use_gpu=False).mode
+    assert "zero-copy" in _FaissBlocks(test, True, 8, False, False, 64).name()
+    assert "block by block" in _FaissBlocks(test, False, 8, False, False, 64).name()
     ks = (1, 7, 30)
     r_unit, p_unit = knn_classify(unit, tl, test, sl, ks=ks, return_predictions=True)
     r_raw, p_raw = knn_classify(raw, tl, test, sl, ks=ks, return_predictions=True)
@@ -80,7 +82,7 @@ def test_chunking_does_not_change_results():
     train, test = torch.randn(300, 16, generator=g), torch.randn(37, 16, generator=g)
     tl, sl = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (37,), generator=g)
     base = knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss")
-    assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss", query_chunk=5, add_chunk=7) == base
+    assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="faiss", query_chunk=5, bank_block=7) == base
     assert knn_classify(train, tl, test, sl, ks=(3, 10), backend="torch", query_chunk=4) == base
 
 
@@ -307,3 +309,71 @@ def test_cli_end_to_end_imagefolder_dump_then_load(tmp_path, capsys):
     assert main(["--load_features", str(tmp_path / "f")] + common) == 0
     second = json.loads((tmp_path / "o2" / "knn_results.json").read_text())
     assert second["results"] == first["results"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 13 §4
+def test_cli_loads_a_dino_pth_dump(tmp_path, capsys):
+    g = torch.Generator().manual_seed(5)
+    train, tl = torch.randn(120, 16, generator=g), torch.randint(0, 4, (120,), generator=g)
+    test, sl = torch.randn(30, 16, generator=g), torch.randint(0, 4, (30,), generator=g)
+    d = tmp_path / "dino"
+    d.mkdir()
+    for name, t in [("trainfeat", train), ("testfeat", test), ("trainlabels", tl), ("testlabels", sl)]:
+        torch.save(t, d / f"{name}.pth")  # DINO's eval_knn.py --dump_features
+    assert main(["--load_features", str(d), "--nb_knn", "1", "5", "--output_dir", str(tmp_path / "o"),
+                 "--use_cuda", "false"]) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "o" / "knn_results.json").read_text())
+    expect = knn_classify(train, tl, test, sl, ks=(1, 5), backend="torch")
+    assert res["results"] == {str(k): {"top1": a, "top5": b} for k, (a, b) in expect.items()}
+    assert res["n_train"] == 120 and res["num_classes"] == 4
+
+
+def test_cli_help_shows_every_default(capsys):
+    from eval.knn import build_parser
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for want in ("(default: 128)", "(default: [10, 20, 100, 200])", "(default: 0.07)", "(default: auto)",
+                 "(default: safetensors)", "(default: 0)"):
+        assert want in text, want
+    fmt = p.formatter_class(prog="x")
+    for a in p._actions:  # every flag with a default says what it is
+        if a.option_strings and a.default is not argparse.SUPPRESS and a.help is not argparse.SUPPRESS:
+            assert "default" in (fmt._get_help_string(a) or "").lower(), a.option_strings
+
+
+def test_cli_num_workers_default_counts_this_tasks_cpus(monkeypatch):
+    from eval.knn import build_parser
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert build_parser().parse_args([]).num_workers == 1  # one CPU: not 10 workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert build_parser().parse_args([]).num_workers == 10
+
+
+def test_cli_random_init_seed_and_dino_dump_format(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "data"
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray((g.random((32, 32, 3)) * 255).astype("uint8")).save(root / split / c / f"{i}.png")
+    tiny = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8",
+            "--data_path", str(root), "--resize", "32", "--crop", "32", "--num_workers", "0", "--nb_knn", "1",
+            "--use_cuda", "false", "--dump_format", "dino"]
+
+    def feats(seed, name):
+        argv = tiny + ["--dump_features", str(tmp_path / name), "--output_dir", str(tmp_path / name)]
+        assert main(argv + (["--seed", seed] if seed else [])) == 0, capsys.readouterr().err
+        return torch.load(tmp_path / name / "trainfeat.pth", weights_only=True)
+
+    a, b, c, default = feats("1", "a"), feats("1", "b"), feats("2", "c"), feats(None, "d")
+    assert a.shape == (6, 32) and torch.equal(a, b)  # same seed, same random-init baseline
+    assert not torch.allclose(a, c) and torch.equal(default, feats("0", "e"))
+    assert json.loads((tmp_path / "a" / "knn_results.json").read_text())["seed"] == 1
+    assert main(["--load_features", str(tmp_path / "a"), "--nb_knn", "1", "--output_dir", str(tmp_path / "f"),
+                 "--use_cuda", "false"]) == 0
+    assert (json.loads((tmp_path / "f" / "knn_results.json").read_text())["results"]
+            == json.loads((tmp_path / "a" / "knn_results.json").read_text())["results"])

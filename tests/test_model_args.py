@@ -140,3 +140,20 @@ def test_random_init_is_announced_and_export_folders_load_with_their_own_loader(
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(got(x), m(x))
+
+
+@pytest.mark.parametrize("module", ["eval.knn", "eval.localization", "eval.discovery", "eval.linear"])
+def test_random_init_baseline_is_seeded(module):
+    """``--seed`` picks the random-init baseline: the same seed, the same network; another seed, another network
+    (k-NN, localization and discovery take the model group's ``--seed``; the linear probe its own)."""
+    def weights(*argv):
+        args = _parser(module).parse_args(["--arch", "vit_tiny", *TINY_VIT, *EVALUATORS[module], *argv])
+        torch.manual_seed(1234)  # whatever the global RNG holds, the seed decides
+        sd = build_model(args, img_size=32, log=lambda _: None).state_dict()
+        torch.randn(3)
+        return sd
+
+    a, b, c = weights("--seed", "1"), weights("--seed", "1"), weights("--seed", "2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    assert any(not torch.equal(a[k], v) for k, v in weights().items() if v.is_floating_point())  # default 0 != 1

@@ -12,6 +12,10 @@ import pytest
 import torch
 
 from dino_simpool.checkpoint import load_checkpoint
+from dino_simpool.config import parse_config
+from dino_simpool.dino.build import build_student_teacher
+from dino_simpool.dino.trainer import build_data, knn_eval
+from dino_simpool.evaluation import knn
 from dino_simpool.logs import read_json_log
 from dino_simpool.train import main
 
@@ -302,13 +306,15 @@ def test_periodic_knn_logged(tmp_path, capsys):
     pytest.param(["--arch", "resnet_test"], id="resnet-bn"),
     pytest.param(TINY_VIT, id="vit-simpool"),
 ])
-def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
+def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args, monkeypatch):
     out = tmp_path / "run"
     args = model_args + TINY_DATA + TINY_OPT + ["--epochs", "1", "--warmup_epochs", "0",
                                                  "--warmup_teacher_temp_epochs", "0", "--batch_size_per_gpu", "4",
                                                  "--eval_every", "1", "--nb_knn", "1", "3", "--output_dir", str(out)]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "TQDM_DISABLE": "1", "DINO_SIMPOOL_TEST_DUMP_RANKS": "1", "OMP_NUM_THREADS": "1"}
+    # k-NN bank blocks of 4 rows: the 20-image bank is split over both ranks (2 and 3 blocks)
+    env = {**os.environ, "TQDM_DISABLE": "1", "DINO_SIMPOOL_TEST_DUMP_RANKS": "1", "OMP_NUM_THREADS": "1",
+           "DINO_SIMPOOL_TEST_KNN_BANK_BLOCK": "4"}
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", HOOKS, *args],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -321,10 +327,19 @@ def test_torchrun_two_ranks_identical_teacher(tmp_path, model_args):
     assert len(ck["rng"]["per_rank"]) == 2
     # the teacher actually changed (EMA of a trained student), and equals what rank 0 saved
     assert [k for k in t0 if not torch.equal(t0[k], ck["teacher"][k])] == []
-    # the periodic k-NN ran with 2 ranks (sharded extraction, gathered) and was logged once, by rank 0
+    # the periodic k-NN ran with 2 ranks (bank sharded, search split) and was logged once, by rank 0
     rec = [r for r in read_json_log(out / "log.txt") if "k-NN" in r]
     assert len(rec) == 1 and set(rec[0]["k-NN"]) == {"1", "3"}, r.stdout[-2000:]
     assert all(0.0 <= v["top1"] <= v["top5"] <= 100.0 for v in rec[0]["k-NN"].values())
+    assert "k-NN: " in r.stdout and "FLOP over 2 rank(s)" in r.stdout and "ETA" in r.stdout  # rank 0's estimate
+    # ... and its numbers are what ONE rank computes for the same teacher
+    monkeypatch.setattr(knn, "BANK_BLOCK", 4)
+    cfg = parse_config(args)
+    cfg.resolve("cpu")
+    _, teacher = build_student_teacher(cfg)
+    teacher.load_state_dict(t0)
+    knn_sets = build_data(cfg, 1, 0, torch.device("cpu"))[3]
+    assert knn_eval(teacher, cfg, knn_sets, torch.device("cpu")) == rec[0]["k-NN"]
 
 
 @pytest.mark.slow

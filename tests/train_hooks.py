@@ -10,6 +10,8 @@ passes them; the trainer itself reads none of them:
   DINO_SIMPOOL_TEST_CRASH_AT=I      raise RuntimeError before iteration I (a crash mid-epoch)
   DINO_SIMPOOL_TEST_CRASH_RANK=R    ...only on rank R (default: every rank)
   DINO_SIMPOOL_TEST_DUMP_RANKS=1    every rank writes its final teacher to <output_dir>/teacher_rank{r}.pth
+  DINO_SIMPOOL_TEST_KNN_BANK_BLOCK=B  the periodic k-NN splits its bank in blocks of B rows (a tiny bank then
+                                    spreads over several ranks)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from dino_simpool.dino.trainer import Hooks  # noqa: E402
+from dino_simpool.evaluation import knn  # noqa: E402
 from dino_simpool.train import main  # noqa: E402
 
 
@@ -52,5 +55,7 @@ def hooks_from_env(argv: list[str]) -> Hooks:
 
 
 if __name__ == "__main__":
+    if _int("DINO_SIMPOOL_TEST_KNN_BANK_BLOCK"):
+        knn.BANK_BLOCK = _int("DINO_SIMPOOL_TEST_KNN_BANK_BLOCK")
     args = sys.argv[1:]
     sys.exit(main(args, hooks=hooks_from_env(args)))

@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
             if stop_code is None and knn_sets is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs - 1):
                 t_knn = time.perf_counter()
                 with rng_isolated():  # evaluation must not change the training's random stream
-                    record["k-NN"] = knn_eval(teacher, cfg, knn_sets, device)
+                    record["k-NN"] = knn_eval(teacher, cfg, knn_sets, device, log.info)
                 record["knn_time_s"] = round(time.perf_counter() - t_knn, 3)
             log_epoch(log, record, cfg.epochs, time.perf_counter() - t_start)
             if hooks.on_epoch_end is not None and main:
@@ -318,8 +318,11 @@ class TrainState:
         return epoch, iter0, iteration
 
 
-def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device) -> dict[str, Any]:
-    """k-NN top-1/top-5 of the teacher backbone on val (train bank); every rank takes part in the extraction."""
+def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """k-NN top-1/top-5 of the teacher backbone on val (train bank); every rank embeds and searches its shard
+    (on ``device``), and every rank gets the numbers; ``log`` gets the search's FLOPs and ETA."""
     res = knn_accuracy(unwrap(teacher).backbone, *datasets, ks=tuple(cfg.nb_knn), T=cfg.temperature,
-                       batch_size=max(cfg.batch_size_per_gpu, 64), num_workers=cfg.num_workers, device=device)
+                       batch_size=max(cfg.batch_size_per_gpu, 64), num_workers=cfg.num_workers, device=device,
+                       log=log)
     return {str(k): {"top1": float(v[0]), "top5": float(v[1])} for k, v in res.items()}

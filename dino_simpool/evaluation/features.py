@@ -5,10 +5,17 @@ linear probe's cached features all embed images through :func:`extract_features`
 shuffle; DINO makes every rank embed the whole val set), gathers ``(index, feature, label)`` from every rank,
 drops the duplicates the sampler adds as padding, and returns the full tensors in dataset order on every rank.
 It also works without a process group (one process embeds everything).
+
+:func:`embed_rows` embeds given rows of a dataset on this rank alone, with no communication: the periodic k-NN's
+bank stays sharded over the ranks that way (each rank searches its own rows, :mod:`dino_simpool.evaluation.knn`).
+
+Memory: a gather step moves :data:`GATHER_CHUNK` rows in total (``GATHER_CHUNK // world`` from each rank), so its
+transient buffers do not grow with the number of ranks (:func:`gather_rows_per_rank`).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,6 +26,13 @@ from tqdm.auto import tqdm
 from dino_simpool import distributed as D
 
 UNREADABLE = -1  # the label of a sample whose image could not be read (SafeImageFolder's stand-in)
+GATHER_CHUNK = 65536  # feature rows one gather step collects, all ranks together (the transient buffers' size)
+
+
+def gather_rows_per_rank(world: int, gather_chunk: int = GATHER_CHUNK) -> int:
+    """Rows each rank sends per gather step: ``gather_chunk`` divided by the world size (at least 1), so that one
+    step holds about ``gather_chunk`` rows whatever the number of ranks."""
+    return max(1, int(gather_chunk) // max(1, int(world)))
 
 
 class _WithIndex(Dataset):
@@ -50,12 +64,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _gather_rows(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
-    """all_gather equal-shaped tensors from every rank; returns (world * n, ...) on the CPU, rank-major."""
+    """all_gather equal-shaped tensors from every rank; returns (world * n, ...) on the CPU, rank-major (one host
+    buffer: each part is copied into it, not concatenated from per-part copies)."""
     world = D.get_world_size()
     src = t.to(comm_device).contiguous()
     parts = [torch.empty_like(src) for _ in range(world)]
     dist.all_gather(parts, src)
-    return torch.cat([p.cpu() for p in parts])
+    out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype)
+    for r, p in enumerate(parts):
+        out[r * src.shape[0]:(r + 1) * src.shape[0]].copy_(p)
+    return out
 
 
 @torch.no_grad()
@@ -66,7 +84,7 @@ def extract_features(
     num_workers: int = 2,
     device: torch.device | str | None = None,
     desc: str = "",
-    gather_chunk: int = 65536,
+    gather_chunk: int = GATHER_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed ``dataset`` with ``model(x) -> (B, d)`` (eval mode, no grad, fp32 output).
 
@@ -74,7 +92,7 @@ def extract_features(
     that could not be read (a ``SafeImageFolder`` logs each one; a warning gives the count). Features are
     NOT normalised (``knn_classify`` normalises). Under a process group the work is split by a
     ``DistributedSampler(shuffle=False)``; padded duplicates are dropped, and an index that no rank embedded
-    raises RuntimeError.
+    raises RuntimeError. The features travel ``gather_chunk`` rows per step, all ranks together.
     """
     n = len(dataset)
     if n == 0:
@@ -98,16 +116,57 @@ def extract_features(
     if not D.is_dist():
         order = torch.argsort(idx)
         return _drop_unreadable(feats[order].contiguous(), labels[order].contiguous(), desc)
-    feats, labels = _gather_in_dataset_order(feats, labels, idx, n, gather_chunk)
+    feats, labels = _gather_in_dataset_order(feats, labels, idx, n, gather_rows_per_rank(world, gather_chunk))
     return _drop_unreadable(feats, labels, desc)
+
+
+@torch.no_grad()
+def embed_rows(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    rows: Sequence[int],
+    batch_size: int = 128,
+    num_workers: int = 2,
+    device: torch.device | str | None = None,
+    desc: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed ``dataset[i] for i in rows`` on this process alone (no communication, whatever the process group).
+
+    Returns ``(feats (m, d) float32 CPU, labels (m,) int64, index (m,) int64)`` in the order of ``rows``, less the
+    rows whose image could not be read (``index`` says which rows are left; ``m`` may be 0, then ``d`` is 0).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0; got {batch_size}")
+    device = torch.device(device) if device is not None else model_device(model)
+    rows = list(rows)
+    if not rows:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=rows, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
+                        persistent_workers=False)
+    try:
+        feats, labels, idx = _embed(model, loader, device, desc, show=D.get_rank() == 0)
+    finally:
+        model.train(was_training)
+    ok = labels != UNREADABLE
+    if bool(ok.all()):
+        return feats, labels, idx
+    return feats[ok].contiguous(), labels[ok].contiguous(), idx[ok].contiguous()
 
 
 def _embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, desc: str, show: bool
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's ``(feats, labels, dataset indices)``, in loader order."""
+    """This rank's ``(feats, labels, dataset indices)``, in loader order. The features go straight into one host
+    buffer sized for all of this rank's rows (no per-batch list and concatenated copy: 1x, not 2x, the rows)."""
     bar = tqdm(total=len(loader), desc=desc or "features", unit="batch", disable=not show, dynamic_ncols=True,
                mininterval=1.0)
-    feats, labels, idxs = [], [], []
+    total = len(loader.sampler)
+    feats = None
+    labels = torch.empty(total, dtype=torch.long)
+    idxs = torch.empty(total, dtype=torch.long)
+    pos = 0
     try:
         for img, label, idx in loader:
             out = model(img.to(device, non_blocking=True))
@@ -115,21 +174,28 @@ def _embed(model: torch.nn.Module, loader: DataLoader, device: torch.device, des
                 out = out[0]
             if out.ndim != 2:
                 raise ValueError(f"the model must return (B, d) features; got shape {tuple(out.shape)}")
-            feats.append(out.float().cpu())
-            labels.append(torch.as_tensor(label).long().reshape(-1))
-            idxs.append(torch.as_tensor(idx).long().reshape(-1))
+            if feats is None:
+                feats = torch.empty(total, out.shape[1], dtype=torch.float32)
+            b = out.shape[0]
+            feats[pos:pos + b].copy_(out)
+            labels[pos:pos + b] = torch.as_tensor(label).long().reshape(-1)
+            idxs[pos:pos + b] = torch.as_tensor(idx).long().reshape(-1)
+            pos += b
             bar.update(1)
     finally:
         bar.close()
-    return (torch.cat(feats) if feats else torch.empty(0, 0),
-            torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-            torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.long))
+    if feats is None:
+        return torch.empty(0, 0), labels[:0], idxs[:0]
+    if pos != total:
+        raise RuntimeError(f"the loader yielded {pos} rows where its sampler has {total}; this is a bug")
+    return feats, labels, idxs
 
 
 def _gather_in_dataset_order(feats_l: torch.Tensor, labels_l: torch.Tensor, idx_l: torch.Tensor, n: int,
                              gather_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's rows, gathered onto every rank as ``(feats (n, d), labels (n,))`` in dataset order, one row per
-    index (the sampler's padding dropped); the features travel ``gather_chunk`` rows per rank at a time."""
+    index (the sampler's padding dropped); the features travel ``gather_chunk`` rows per rank at a time
+    (:func:`gather_rows_per_rank` of the total)."""
     world = D.get_world_size()
     # Every rank ran ceil(n / world) samples (DistributedSampler pads), so all shapes match for all_gather.
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
