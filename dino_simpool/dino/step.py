@@ -96,7 +96,9 @@ class DINOStep:
     def _broadcast_teacher_buffers(self) -> None:
         if not self.teacher_buffers:
             return
-        for dtype in {b.dtype for b in self.teacher_buffers}:  # one flat call per dtype (float stats, long counter)
+        # one flat call per dtype (float stats, long counter), in the buffers' order: the same on every rank (a set's
+        # order is not: dtypes hash by id, and two ranks then broadcast different tensors into each other)
+        for dtype in dict.fromkeys(b.dtype for b in self.teacher_buffers):
             group = [b for b in self.teacher_buffers if b.dtype == dtype]
             flat = _flatten_dense_tensors(group)
             dist.broadcast(flat, 0)
