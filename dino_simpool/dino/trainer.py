@@ -36,9 +36,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dino_simpool import distributed as D
+from dino_simpool.augment import build_multicrop
 from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from dino_simpool.data import DataError, build_dataset
-from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
+from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.config import TrainConfig
 from dino_simpool.dino.determinism import (ResumableDistributedSampler, SeededDataset, get_rng_state, rng_isolated,
                                            seed_all, seed_step, set_rng_state)
@@ -122,9 +123,10 @@ def init_loader_worker(worker_id: int, nice: int = 0) -> None:
         os.nice(nice)
 
 
-def make_loader(dataset, sampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
+def make_loader(dataset, sampler, cfg: TrainConfig, device: torch.device, collate_fn=None) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0,
         worker_init_fn=functools.partial(init_loader_worker, nice=cfg.loader_nice or 0)
         if cfg.num_workers > 0 else None,
@@ -231,11 +233,11 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
     if cfg.data_path is None:
         log.info("no --data_path: training on the embedded SyntheticShapes dataset; flags not given take its small "
                  "defaults (the demo's configuration, [embedded: ...] in --help; resolved values in config.yaml)")
-    transform = MultiCropAugmentation(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                                      global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
-                                      backend=cfg.aug_backend)
+    aug = build_multicrop(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                          global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
+                          pipeline=getattr(cfg, "aug_pipeline", None), device=device, backend=cfg.aug_backend)
     data_kw = dict(subset=cfg.subset, image_size=cfg.synthetic_size, images_per_class=cfg.synthetic_per_class)
-    train_set = build_dataset(cfg.data_path, "train", transform=transform, **data_kw)
+    train_set = aug.prepare_dataset(build_dataset(cfg.data_path, "train", transform=aug.transform, **data_kw))
     sampler = ResumableDistributedSampler(len(train_set), num_replicas=world, rank=rank, seed=cfg.seed,
                                           shuffle=True, batch_size=cfg.batch_size_per_gpu, drop_last=True)
     niter = sampler.batches_per_epoch
@@ -243,7 +245,7 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
         raise DataError(f"the training set has {len(train_set)} images: with {world} process(es) and "
                         f"--batch_size_per_gpu {cfg.batch_size_per_gpu} not one full batch per process; lower "
                         f"--batch_size_per_gpu or use more data")
-    loader = make_loader(SeededDataset(train_set, cfg.seed), sampler, cfg, device)
+    loader = make_loader(SeededDataset(train_set, cfg.seed), sampler, cfg, device, collate_fn=aug.collate_fn)
     knn_sets = None
     if cfg.eval_every > 0:
         resize = int(round(cfg.global_crops_size * 256 / 224))
@@ -382,7 +384,7 @@ def _train(cfg: TrainConfig, env, on_epoch_end, preempt: PreemptionFlag) -> int:
                 it = epoch * niter + i
                 seed_step(cfg.seed, rank, it)
                 apply_schedules(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-                images = [im.to(device, non_blocking=True) for im in images]
+                images = aug.to_device(images, device)  # stage 2 of the multi-crop for the device pipelines
                 if signal_at is not None and it == signal_at:
                     os.kill(os.getpid(), signal.SIGTERM)
                 with autocast():

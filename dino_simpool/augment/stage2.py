@@ -1,0 +1,204 @@
+"""Stage 2 of the multi-crop pipeline (the training device, batched): a pure function of crops and parameters.
+
+``ColorStage(recipe)(crops, params) -> list of normalised float32 crops``: flip -> colour jitter (per-sample factors,
+per-sample op order) -> grayscale -> Gaussian blur (per-sample sigma) -> solarize -> normalise, each with the
+per-crop decisions that stage 1 drew (``recipe.P_*`` columns). It draws no random number, so its output depends on
+its inputs only, on whichever device it runs.
+
+Every op equals torchvision.transforms.v2.functional's op on the same float image with the same parameter, to < 1e-5
+(tests/test_augment_pipeline.py). Where each op comes from:
+
+* Gaussian blur: ``kornia.filters.gaussian_blur2d`` (per-sample sigma, reflect padding, separable): exact, and the
+  fastest of kornia, torchvision and the earlier matrix-product kernel on 224 px crops.
+* brightness / contrast / saturation: one blend ``f * x + (1 - f) * m`` per jitter slot, ``m`` being 0, the mean
+  grey or the grey image of each sample (torchvision's ``_blend``): the random per-sample order means every slot can
+  hold any op; one fused blend per slot is 3x cheaper on CPU than kornia's three ops with identity factors.
+* hue: ``adjust_hue`` below, the HSV hue rotation written directly on RGB (keeps V = max and C = max - min).
+  kornia's ``adjust_hue`` (RGB -> HSV -> RGB) gives the same result but costs 4x more on CPU (4.1 vs 1.0 ms per
+  224 px crop, one core); hue is the most expensive op of the recipe.
+* grayscale, solarize, normalise: torchvision's functional ops (batched already).
+
+kornia.augmentation itself is not used: its ``ColorJitter`` draws one op order per batch (torchvision draws one per
+image) and its random parameters are drawn on the device, while this pipeline draws all of them in stage 1.
+"""
+from __future__ import annotations
+
+import torch
+from kornia.filters import gaussian_blur2d
+from torchvision.transforms.v2 import functional as F
+
+from .recipe import (P_BRIGHTNESS, P_CONTRAST, P_FLIP, P_GRAY, P_HUE, P_JITTER, P_ORDER, P_SATURATION, P_SIGMA,
+                     P_SOLARIZE, Recipe)
+
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 are inverted
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W) luma with torchvision's weights."""
+    r, g, b = x.unbind(-3)
+    return (r * _GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2]).unsqueeze(-3)
+
+
+def adjust_hue(x: torch.Tensor, h) -> torch.Tensor:
+    """Rotate the HSV hue of RGB ``x`` (..., 3, H, W) in [0, 1] by ``h`` turns (a float, or a tensor broadcastable
+    to (N, 1, 1, 1) / one per image): torchvision's ``adjust_hue`` without the HSV round trip.
+
+    With V = max, C = max - min and the hue position H6 in [0, 6), channel n (5 for R, 3 for G, 1 for B) is
+    ``V - C * clamp(2 - |((n + H6 + 6h) mod 6) - 2|, 0, 1)``, the standard HSV -> RGB formula."""
+    shape = x.shape
+    x = x.reshape(-1, 3, *shape[-2:])
+    h = torch.as_tensor(h, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g)
+    torch.minimum(minc, b, out=minc)
+    c = maxc - minc
+    inv = c.reciprocal().nan_to_num_(0.0, 0.0, 0.0)  # grey pixels (C = 0) keep V whatever the hue
+    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(c, alpha=2.0), (r - g).add_(c, alpha=4.0)))
+    h6.mul_(inv).add_(h * 6.0 + 6.0)  # hue position + rotation, kept positive for the modulo
+    out = torch.empty_like(x)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(h6 + n, 6.0)
+        t = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+        torch.sub(maxc, t.mul_(c), out=out[:, ch])
+    return out.reshape(shape)
+
+
+def _factor(f, x: torch.Tensor):
+    """A float, or one factor per image broadcast to (N, 1, 1, 1)."""
+    if isinstance(f, torch.Tensor) and f.dim() < 4:
+        return f.to(x.dtype).reshape(-1, 1, 1, 1)
+    return f
+
+
+def adjust_brightness(x: torch.Tensor, f) -> torch.Tensor:
+    """torchvision's adjust_brightness (blend with black) with one factor or one per image."""
+    return (x * _factor(f, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, f) -> torch.Tensor:
+    """torchvision's adjust_contrast (blend with the image's mean grey) with one factor or one per image."""
+    f = _factor(f, x)
+    return (x * f).add_(gray(x).mean((-3, -2, -1), keepdim=True) * (1 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, f) -> torch.Tensor:
+    """torchvision's adjust_saturation (blend with the grey image) with one factor or one per image."""
+    f = _factor(f, x)
+    return (x * f).add_(gray(x) * (1 - f)).clamp_(0.0, 1.0)
+
+
+def rgb_to_grayscale3(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale(num_output_channels=3)."""
+    return gray(x).expand_as(x).contiguous()
+
+
+def _blur(xs: torch.Tensor, k: int, sig: torch.Tensor) -> torch.Tensor:
+    """kornia's blur of (n, 3, H, W) with one sigma per image; on CPU in chunks of ~2M values, which keep the
+    depthwise convolutions in cache (2-3x faster than one call on a whole batch of 224 px crops, one core)."""
+    sig2 = sig.view(-1, 1).expand(-1, 2).contiguous()
+    if xs.device.type != "cpu":
+        return gaussian_blur2d(xs, (k, k), sig2, border_type="reflect")
+    step = max(1, (1 << 21) // xs[0].numel())
+    return torch.cat([gaussian_blur2d(xs[i:i + step], (k, k), sig2[i:i + step], border_type="reflect")
+                      for i in range(0, xs.shape[0], step)])
+
+
+def gaussian_blur(x: torch.Tensor, k: int, sigma, inplace: bool = False) -> torch.Tensor:
+    """torchvision's gaussian_blur(x, [k, k], [sigma, sigma]) (reflect padding): ``x`` (3, H, W) with one sigma, or
+    (N, 3, H, W) with one sigma per image (<= 0: that image is left as it is)."""
+    if k <= 1:
+        return x
+    h, w = x.shape[-2:]
+    if k // 2 >= min(h, w):
+        raise ValueError(f"blur kernel {k} too large for a {h}x{w} image (reflect padding needs k // 2 < side)")
+    if x.dim() == 3:
+        return gaussian_blur(x[None], k, torch.tensor([float(sigma)]))[0]
+    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+    return _on_rows(x if inplace else x.clone(), sig > 0, lambda xs, i: _blur(xs, k, sig[i]))
+
+
+def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    """PIL's ImageOps.solarize on [0, 1] floats: values >= 128/255 are inverted."""
+    return F.solarize(x, threshold)
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries, or None when there are none (the op is skipped)."""
+    idx = mask.nonzero().squeeze(1)
+    return idx if idx.numel() else None
+
+
+def _on_rows(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
+    """``x`` with ``fn(x[i], i)`` written into the rows ``i`` where ``mask`` holds (all rows: no gather)."""
+    idx = _rows(mask)
+    if idx is None:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(x, idx)
+    x[idx] = fn(x[idx], idx)
+    return x
+
+
+def color_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter with per-sample factors and op order (``p``: (N, NPARAMS)); in place on ``x``."""
+    n = x.shape[0]
+    factors = p[:, P_BRIGHTNESS:P_SATURATION + 1]  # (N, 3): brightness, contrast, saturation
+    order = p[:, P_ORDER:P_ORDER + 4].long()
+    jit = p[:, P_JITTER] > 0
+    view = (n, 1, 1, 1)
+    for slot in range(4):
+        op = order[:, slot]
+        # brightness/contrast/saturation: x <- f x + (1 - f) m with m = 0 / mean grey / grey; f = 1 elsewhere
+        blend = op < 3
+        f = torch.where(blend, factors.gather(1, op.clamp(max=2).view(n, 1)).squeeze(1), 1.0).view(view)
+        gr = gray(x)
+        m = torch.where((op == 2).view(view), gr, torch.where((op == 1).view(view), gr.mean((-2, -1), keepdim=True),
+                                                              0.0))
+        x = x.mul_(f).add_(m.mul_(1.0 - f)).clamp_(0.0, 1.0)
+        x = _on_rows(x, (op == 3) & jit, lambda xs, i: adjust_hue(xs, p[i, P_HUE]))
+    return x
+
+
+class ColorStage:
+    """Stage 2 of the multi-crop pipeline: uint8 crops + parameters (any device) -> normalised float32 crops.
+
+    ``crops``: ``ncrops`` tensors, crop ``k`` of every sample, (B, 3, S_k, S_k) uint8; ``params``: (B, ncrops,
+    NPARAMS). Crops of one size are processed as one batch."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.mean = list(recipe.mean)
+        self.std = list(recipe.std)
+
+    @torch.no_grad()
+    def __call__(self, crops: list[torch.Tensor], params: torch.Tensor) -> list[torch.Tensor]:
+        r = self.recipe
+        if len(crops) != r.ncrops or params.dim() != 3 or params.shape[1] != r.ncrops:
+            raise ValueError(f"stage 2 expects {r.ncrops} crops and (B, {r.ncrops}, P) parameters, got "
+                             f"{len(crops)} crops and parameters of shape {tuple(params.shape)}")
+        out: list[torch.Tensor] = []
+        for ks in ([0, 1], list(range(2, r.ncrops))):
+            if not ks:
+                continue
+            b = crops[ks[0]].shape[0]
+            x = torch.cat([crops[k] for k in ks])  # a fresh tensor: the ops below work in place
+            p = params[:, ks].transpose(0, 1).reshape(len(ks) * b, -1).to(x.device, torch.float32)
+            out.extend(self.apply(x, p, r.crop_size(ks[0])).split(b))
+        return out
+
+    def apply(self, x: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
+        """(N, 3, S, S) uint8 (or float in [0, 255]), owned by the caller and overwritten + (N, NPARAMS) ->
+        (N, 3, S, S) float32 normalised."""
+        x = _on_rows(x, p[:, P_FLIP] > 0, lambda xs, i: xs.flip(-1))  # on uint8: 4x less memory than on floats
+        x = x.float().div_(255.0)
+        x = color_jitter(x, p)
+        x = _on_rows(x, p[:, P_GRAY] > 0, lambda xs, i: rgb_to_grayscale3(xs))
+        x = gaussian_blur(x, self.recipe.kernel_size(size), p[:, P_SIGMA], inplace=True)
+        x = _on_rows(x, p[:, P_SOLARIZE] > 0, lambda xs, i: solarize(xs))
+        return F.normalize(x, self.mean, self.std, inplace=True)
+
+    def __repr__(self):
+        return f"ColorStage({self.recipe})"
