@@ -437,3 +437,49 @@ def test_draft_factor_only_when_every_crop_stays_a_downscale(tmp_path):
     assert full.shape == (3, 1500, 2000) and small.shape == (3, 750, 1000)
     with pytest.raises(ValueError, match="needs the recipe"):
         ImageLoader(draft=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["device", "device_decode"])
+def test_training_resume_is_bit_identical_with_each_pipeline(tmp_path, monkeypatch, capsys, pipeline):
+    """The trainer with each device pipeline (on CPU): a run stopped at an epoch boundary and mid-epoch, then resumed,
+    ends bit-identical to an uninterrupted run, and to the ``cpu`` pipeline's run (same crops, same weights).
+    The pipeline is chosen through ``CPU_DEFAULT_PIPELINE`` until the config grows ``--aug_pipeline``."""
+    from dino_simpool.augment import pipeline as P
+    from dino_simpool.checkpoint import load_checkpoint
+    from dino_simpool.train import main
+
+    data = tmp_path / "data" / "train"
+    for c in range(4):
+        (data / f"c{c}").mkdir(parents=True)
+        for j in range(5):
+            (data / f"c{c}" / f"{j}.jpg").write_bytes(_jpeg_bytes(_photo(40 + 4 * j, 48, seed=10 * c + j)))
+    args = ["--data_path", str(tmp_path / "data"), "--batch_size_per_gpu", "8", "--num_workers", "0",
+            "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2",
+            "--out_dim", "64", "--epochs", "2", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1",
+            "--optimizer", "adamw", "--lr", "5e-4", "--eval_every", "0", "--log_every", "1",
+            "--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2", "--patch_size", "8"]
+
+    def weights(out):
+        ck = load_checkpoint(out / "checkpoint.pth")
+        return ck["iteration"], {f"{p}.{k}": v for p in ("student", "teacher") for k, v in ck[p].items()}
+
+    def same(a, b):
+        return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+    monkeypatch.setattr(P, "CPU_DEFAULT_PIPELINE", "cpu")
+    assert main(args + ["--output_dir", str(tmp_path / "cpu")]) == 0
+    monkeypatch.setattr(P, "CPU_DEFAULT_PIPELINE", pipeline)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert main(args + ["--output_dir", str(ref)]) == 0
+    for stop in ("2", "3"):  # the epoch boundary, then the middle of epoch 1
+        assert main(args + ["--output_dir", str(cut), "--max_iters", stop]) == 0
+    assert main(args + ["--output_dir", str(cut)]) == 0
+    assert "at epoch 1 iteration 3" in capsys.readouterr().out
+    a, b = weights(ref), weights(cut)
+    assert a[0] == 4 and same(a, b)
+    cpu = weights(tmp_path / "cpu")
+    if pipeline == "device":
+        assert same(a, cpu)  # stage 2 on the batch in the main process = stage 2 in the collate
+    else:  # the crops differ by <= 1 level: a different run, and a sign that the data did change
+        assert not same(a, cpu)
