@@ -25,8 +25,7 @@ from dino_simpool.augment import decode as D
 from dino_simpool.augment import stage2 as S2
 from dino_simpool.augment.recipe import (NPARAMS, P_BRIGHTNESS, P_CONTRAST, P_FLIP, P_GRAY, P_HUE, P_JITTER, P_ORDER,
                                          P_SATURATION, P_SIGMA, P_SOLARIZE)
-from dino_simpool.augment.stage1 import (CropStage, ImageLoader, draft_factor, resized_crop_u8,
-                                         smallest_crop_ratio)
+from dino_simpool.augment.stage1 import CropStage, ImageLoader, resized_crop_u8
 from dino_simpool.data import SafeImageFolder
 from dino_simpool.dino.determinism import SeededDataset
 
@@ -423,20 +422,6 @@ def test_builder_choices_and_errors():
         build_multicrop(backend="pil")
     with pytest.raises(ValueError, match="local_crops_scale"):
         build_multicrop(local_crops_scale=(0.5, 0.1))
-
-
-def test_draft_factor_only_when_every_crop_stays_a_downscale(tmp_path):
-    r = Recipe()  # 224 / 96 px crops, min scales 0.4 / 0.05
-    assert draft_factor(smallest_crop_ratio(r, 500, 375)) == 1  # ImageNet-sized photos: never
-    assert draft_factor(smallest_crop_ratio(r, 2000, 1500)) == 2  # local crops (0.05 of the area) bind
-    assert draft_factor(smallest_crop_ratio(Recipe(local_crops_number=0), 2000, 1500)) == 4
-    a = np.kron(_photo(60, 80), np.ones((25, 25, 1), np.uint8))  # 1500 x 2000
-    Image.fromarray(a).save(tmp_path / "big.jpg", quality=90)
-    full = ImageLoader()(tmp_path / "big.jpg")
-    small = ImageLoader(r, draft=True)(tmp_path / "big.jpg")
-    assert full.shape == (3, 1500, 2000) and small.shape == (3, 750, 1000)
-    with pytest.raises(ValueError, match="needs the recipe"):
-        ImageLoader(draft=True)
 
 
 @pytest.mark.slow

@@ -70,9 +70,9 @@ class MultiCropPipeline:
     ``collate_fn`` (the DataLoader's; None = the default) and ``to_device(batch, device) -> list of crops`` (the
     step's input: ncrops float32 tensors (B, 3, S, S))."""
 
-    def __init__(self, recipe: Recipe, pipeline: str, backend: str = "fast", draft: bool = False):
+    def __init__(self, recipe: Recipe, pipeline: str, backend: str = "fast"):
         self.recipe, self.pipeline, self.backend = recipe, pipeline, backend
-        self.loader: Callable[[Any], Any] = ImageLoader(recipe, draft=draft)
+        self.loader: Callable[[Any], Any] = ImageLoader()
         self.stage2: ColorStage | None = None
         self.device_crops: DeviceCrops | None = None
         self.collate_fn: Callable[[list], Any] | None = None
@@ -109,10 +109,9 @@ class MultiCropPipeline:
 def build_multicrop(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number: int = 8,
                     global_size: int = 224, local_size: int = 96, pipeline: str | None = None,
                     device: torch.device | str = "cpu", backend: str = "fast", mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD, blur_sigma=(0.1, 2.0), draft: bool = False) -> MultiCropPipeline:
+                    std=IMAGENET_STD, blur_sigma=(0.1, 2.0)) -> MultiCropPipeline:
     """DINO's multi-crop for training on ``device``: ``pipeline`` one of ``PIPELINES`` or None/"auto" for
-    ``default_pipeline(device.type)``; ``backend`` (``fast`` / ``v2``) is the ``cpu`` pipeline's implementation;
-    ``draft`` decodes big JPEGs at reduced size when every crop allows it (``ImageLoader``)."""
+    ``default_pipeline(device.type)``; ``backend`` (``fast`` / ``v2``) is the ``cpu`` pipeline's implementation."""
     device_type = torch.device(device).type
     if pipeline in (None, "auto"):
         pipeline = default_pipeline(device_type)
@@ -125,4 +124,4 @@ def build_multicrop(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4)
                          f"got --aug_pipeline {pipeline}; pass --aug_backend fast or --aug_pipeline cpu")
     recipe = Recipe(global_crops_scale, local_crops_scale, local_crops_number, global_size, local_size,
                     mean=mean, std=std, blur_sigma=blur_sigma)
-    return MultiCropPipeline(recipe, pipeline, backend, draft=draft)
+    return MultiCropPipeline(recipe, pipeline, backend)

@@ -10,12 +10,11 @@ called directly because ``resized_crop``'s dispatch adds ~0.15 ms per crop, 10 c
 
 ``ImageLoader`` is the file loader for ``SafeImageFolder``: JPEGs are decoded with ``torchvision.io.decode_jpeg``
 (libjpeg-turbo, the same pixels as PIL) straight into a channels-last uint8 tensor, which is what the resize kernel
-is fastest on; with ``draft=True`` a big JPEG is decoded at 1/2, 1/4 or 1/8 of its size in the DCT domain (PIL's
-``Image.draft``) when even the smallest global crop would still be downscaled from the reduced image.
+is fastest on.
 """
 from __future__ import annotations
 
-import math
+import io
 import warnings
 
 import numpy as np
@@ -49,7 +48,7 @@ def to_uint8_chw(img) -> torch.Tensor:
 
 
 def resized_crop_u8(x: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): torchvision's resized_crop (bicubic, antialias) without its dispatch."""
+    """uint8 (3, H, W) -> uint8 (3, size, size): torchvision's resized_crop (bicubic, antialias), minus dispatch."""
     crop = x[None, :, top:top + h, left:left + w]
     if (h, w) == (size, size):
         return crop[0].contiguous()
@@ -73,53 +72,23 @@ class CropStage:
         return f"CropStage({self.recipe})"
 
 
-def draft_factor(ratio: float) -> int:
-    """Largest JPEG DCT scale (1, 2, 4 or 8) that keeps every crop a downscale: ``ratio`` is the smallest crop side
-    an image can get over the crop's output size (``smallest_crop_ratio``)."""
-    f = 1
-    while f < 8 and ratio >= 2 * f:
-        f *= 2
-    return f
-
-
-def smallest_crop_ratio(recipe: Recipe, width: int, height: int) -> float:
-    """The smallest side any crop of a ``width`` x ``height`` image can have, over that crop's output size.
-
-    RandomResizedCrop's smallest crop has the area ``scale_min * W * H`` at aspect 3/4 or 4/3, so its short side is
-    ``sqrt(scale_min * W * H * 3/4)`` (the centre-crop fallback only gives bigger crops)."""
-    r = math.sqrt(recipe.global_crops_scale[0] * width * height * 0.75) / recipe.global_size
-    if recipe.local_crops_number:
-        r = min(r, math.sqrt(recipe.local_crops_scale[0] * width * height * 0.75) / recipe.local_size)
-    return r
-
-
 class ImageLoader:
     """``SafeImageFolder`` loader: path -> (3, H, W) uint8 tensor. Raises on an unreadable file (the folder then
-    logs it and uses the next image). JPEG (RGB, greyscale or CMYK) through libjpeg-turbo, the rest through PIL.
+    logs it and uses the next image). JPEG (RGB, greyscale or CMYK) through ``torchvision.io.decode_jpeg``
+    (libjpeg-turbo: the same pixels as PIL, and a channels-last tensor, which the crop resize is fastest on); the
+    rest through PIL.
 
-    ``draft``: a JPEG whose smallest possible global crop has >= 2x the pixels it needs is decoded at reduced size
-    (PIL ``draft``); never the case at ImageNet's ~500 x 375, a 4x saving at 2000 x 1500 (benchmarks/data.py)."""
-
-    def __init__(self, recipe: Recipe | None = None, draft: bool = False):
-        if draft and recipe is None:
-            raise ValueError("ImageLoader(draft=True) needs the recipe (its crop sizes decide the decode scale)")
-        self.recipe = recipe if draft else None
+    No reduced-size decode (PIL ``Image.draft``): at ImageNet's ~500 x 375 no crop of DINO's recipe allows one, and
+    on a 2000 x 1500 photo the 1/2 draft the local crops allow saves 7 % over ``decode_jpeg`` (benchmarks/data.py)."""
 
     def __call__(self, path) -> torch.Tensor:
         with open(path, "rb") as fh:
             data = fh.read()
         if data[:2] == b"\xff\xd8":  # JPEG
-            if self.recipe is not None:
-                with Image.open(path) as im:
-                    f = draft_factor(smallest_crop_ratio(self.recipe, *im.size))
-                    if f > 1:
-                        im.draft("RGB", (im.size[0] // f, im.size[1] // f))
-                        im.load()
-                        return to_uint8_chw(im)
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return to_uint8_chw(im.convert("RGB"))
 
     def __repr__(self):
-        return f"ImageLoader(draft={self.recipe is not None})"
+        return "ImageLoader()"

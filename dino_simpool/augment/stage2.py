@@ -27,8 +27,7 @@ import torch
 from kornia.filters import gaussian_blur2d
 from torchvision.transforms.v2 import functional as F
 
-from .recipe import (P_BRIGHTNESS, P_CONTRAST, P_FLIP, P_GRAY, P_HUE, P_JITTER, P_ORDER, P_SATURATION, P_SIGMA,
-                     P_SOLARIZE, Recipe)
+from .recipe import P_BRIGHTNESS, P_FLIP, P_GRAY, P_HUE, P_JITTER, P_ORDER, P_SATURATION, P_SIGMA, P_SOLARIZE, Recipe
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 are inverted

@@ -27,11 +27,15 @@ import torch
 from torchvision.transforms import v2
 
 from dino_simpool.augment.pipeline import BACKENDS, TwoStageCrops
-from dino_simpool.augment.recipe import (IMAGENET_MEAN, IMAGENET_STD, Recipe, blur_kernel_size,  # noqa: F401
-                                         check_size, random_resized_crop_params)
+from dino_simpool.augment.recipe import (IMAGENET_MEAN, IMAGENET_STD, Recipe, blur_kernel_size, check_size,
+                                         random_resized_crop_params)
 from dino_simpool.augment.reference import V2MultiCrop
-from dino_simpool.augment.stage2 import (adjust_brightness, adjust_contrast, adjust_hue,  # noqa: F401
-                                         adjust_saturation, gaussian_blur, rgb_to_grayscale3, solarize)
+from dino_simpool.augment.stage2 import (adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
+                                         gaussian_blur, rgb_to_grayscale3, solarize)
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MultiCropAugmentation", "eval_transform", "blur_kernel_size",
+           "random_resized_crop_params", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
+           "gaussian_blur", "rgb_to_grayscale3", "solarize"]
 
 
 class MultiCropAugmentation:
