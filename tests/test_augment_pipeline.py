@@ -412,6 +412,7 @@ def test_the_three_pipelines_give_the_same_crops(tmp_path):
 def test_builder_choices_and_errors():
     assert build_multicrop(pipeline=None, device="cpu").pipeline == "cpu"
     assert build_multicrop(pipeline="auto", device="cuda").pipeline == "device"
+    assert build_multicrop(pipeline="auto", device="cuda", backend="v2").pipeline == "cpu"
     assert build_multicrop(pipeline="cpu").collate_fn is not None
     assert build_multicrop(pipeline="cpu", backend="v2").collate_fn is None
     with pytest.raises(ValueError, match="--aug_pipeline must be one of cpu, device, device_decode"):

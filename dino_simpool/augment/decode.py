@@ -10,9 +10,9 @@ loader and travels as raw RGB bytes: same crops, decoded on the CPU.
 The crops are cut by ``antialiased_crops``: torch's antialiased bicubic resize (the filter, support and
 normalisation of ``interpolate(..., mode="bicubic", antialias=True)``) written as two weight matrices per crop,
 ``crop = W_y @ image @ W_x^T``, so that all crops of a batch of differently sized images are a few batched matrix
-products. Plain ``roi_align`` is a box filter (it averages ``sampling_ratio``^2 bilinear samples per output pixel),
-not torchvision's bicubic: its crops differ from the CPU path's by far more than this one's (<= 1 level,
-tests/test_augment_pipeline.py).
+products. ``torchvision.ops.roi_align(aligned=True)`` is a box filter (it averages ``sampling_ratio``^2 bilinear
+samples per output pixel), not torchvision's bicubic: on a 500 x 375 photo its crops differ from the CPU path's by
+0.78 levels on average (max 11), this one's by 0.002 (max 1; tests/test_augment_pipeline.py).
 
 A JPEG the device cannot decode is decoded again on the CPU; one that no decoder reads (corrupt after its header)
 is logged once and replaced by a mid-grey image (the folder's skip-to-the-next-image happens in the loader, which

@@ -111,10 +111,10 @@ def build_multicrop(global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4)
                     device: torch.device | str = "cpu", backend: str = "fast", mean=IMAGENET_MEAN,
                     std=IMAGENET_STD, blur_sigma=(0.1, 2.0)) -> MultiCropPipeline:
     """DINO's multi-crop for training on ``device``: ``pipeline`` one of ``PIPELINES`` or None/"auto" for
-    ``default_pipeline(device.type)``; ``backend`` (``fast`` / ``v2``) is the ``cpu`` pipeline's implementation."""
-    device_type = torch.device(device).type
-    if pipeline in (None, "auto"):
-        pipeline = default_pipeline(device_type)
+    ``default_pipeline(device.type)`` (``cpu`` with ``backend="v2"``); ``backend`` (``fast`` / ``v2``) is the ``cpu``
+    pipeline's implementation."""
+    if pipeline in (None, "auto"):  # the stock v2 recipe runs per image in the workers only
+        pipeline = "cpu" if backend == "v2" else default_pipeline(torch.device(device).type)
     if pipeline not in PIPELINES:
         raise ValueError(f"--aug_pipeline must be one of {', '.join(PIPELINES)} (or auto), got {pipeline!r}")
     if backend not in BACKENDS:
