@@ -63,8 +63,9 @@ class _Solarization:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
-def dino_reference():
-    """DataAugmentationDINO((0.4, 1), (0.05, 0.4), 8) on the output of DINO's pil_loader."""
+def dino_transform(r: Recipe):
+    """DataAugmentationDINO(global_crops_scale, local_crops_scale, local_crops_number) at the recipe's crop sizes
+    (DINO's: 224 and 96): PIL image -> list of crops."""
     bicubic = transforms.InterpolationMode.BICUBIC
     fcj = transforms.Compose([
         transforms.RandomHorizontalFlip(p=0.5),
@@ -72,17 +73,23 @@ def dino_reference():
         transforms.RandomGrayscale(p=0.2)])
     norm = transforms.Compose([transforms.ToTensor(),
                                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    g1 = transforms.Compose([transforms.RandomResizedCrop(224, (0.4, 1.0), interpolation=bicubic), fcj,
-                             _GaussianBlur(1.0), norm])
-    g2 = transforms.Compose([transforms.RandomResizedCrop(224, (0.4, 1.0), interpolation=bicubic), fcj,
-                             _GaussianBlur(0.1), _Solarization(0.2), norm])
-    loc = transforms.Compose([transforms.RandomResizedCrop(96, (0.05, 0.4), interpolation=bicubic), fcj,
+    g, loc_size, gs, ls = r.global_size, r.local_size, r.global_crops_scale, r.local_crops_scale
+    g1 = transforms.Compose([transforms.RandomResizedCrop(g, gs, interpolation=bicubic), fcj, _GaussianBlur(1.0),
+                             norm])
+    g2 = transforms.Compose([transforms.RandomResizedCrop(g, gs, interpolation=bicubic), fcj, _GaussianBlur(0.1),
+                             _Solarization(0.2), norm])
+    loc = transforms.Compose([transforms.RandomResizedCrop(loc_size, ls, interpolation=bicubic), fcj,
                               _GaussianBlur(0.5), norm])
+    return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(r.local_crops_number)]
+
+
+def dino_reference():
+    """DINO's recipe (224 / 96 px, 8 local crops) on the output of DINO's pil_loader: path -> crops."""
+    t = dino_transform(Recipe())
 
     def run(path):
         with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
-        return [g1(img), g2(img)] + [loc(img) for _ in range(8)]
+            return t(Image.open(f).convert("RGB"))
     return run
 
 
@@ -226,6 +233,33 @@ def main(argv=None) -> int:
     dd = torch.stack([(rs(full, f * t, f * left, f * h, f * w) - rs(small, t, left, h, w)).abs().mean()
                       for t, left, h, w in boxes])
 
+    # the demo's setting: 64 px embedded images, 2 x 32 + 2 x 16 px crops (EMBEDDED_DEFAULTS' scales)
+    rt = Recipe((0.5, 1.0), (0.2, 0.5), 2, 32, 16)
+    tiny = SyntheticShapes("train", image_size=64, images_per_class=max(1, a.photos * 4 // 10))
+    timgs = [tiny.image(i) for i in range(len(tiny))]
+    t_ref, t_fast, t_s1, t_s2 = dino_transform(rt), MultiCropAugmentation(
+        *[getattr(rt, k) for k in ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size",
+                                   "local_size")]), CropStage(rt), ColorStage(rt)
+    t_s1_out = [t_s1(im) for im in timgs]
+    t_batches = [default_collate(t_s1_out[i:i + b]) for i in range(0, len(timgs) - b + 1, b)]
+    tiny_cases = {
+        "DINO recipe on PIL (reference)": (t_ref, timgs, 1),
+        "generate 64 px image (SyntheticShapes.image)": (lambda i: tiny.image(i), range(len(timgs)), 1),
+        "backend fast, per image": (t_fast, timgs, 1),
+        "stage 1 (CropStage)": (t_s1, timgs, 1),
+        f"stage 2, batch {b} (the `cpu` pipeline's collate)": (
+            per_batch(lambda bt: t_s2(bt["crops"], bt["params"])), t_batches, b),
+    }
+    t_rounds: dict[str, list[float]] = {k: [] for k in tiny_cases}
+    for _ in range(a.repeats):
+        for k, (fn, items, per) in tiny_cases.items():
+            fn(items[0])
+            t_rounds[k].append(cpu_ms(fn, items) / per)
+    tn = list(tiny_cases)
+    t_rounds["`cpu` pipeline: stage 1 + stage 2"] = [x + y for x, y in zip(t_rounds[tn[3]], t_rounds[tn[4]])]
+    t_med = {k: statistics.median(v) for k, v in t_rounds.items()}
+    t_ratio = {k: statistics.median([x / y for x, y in zip(v, t_rounds[tn[0]])]) for k, v in t_rounds.items()}
+
     load = os.getloadavg()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ref_ms = med[REF]
@@ -268,6 +302,15 @@ def main(argv=None) -> int:
         f"{d_pil:.1f} ms with PIL, {d_full:.1f} ms with `ImageLoader` (decode_jpeg), {d_draft:.1f} ms with PIL's "
         f"1/{f} draft ({d_full / d_draft:.2f}x `ImageLoader`'s speed); 96 px crops from the draft differ from "
         f"full-size ones by {float(dd.mean()):.2f} levels on average.",
+    ]
+    lines += [
+        "",
+        f"The demo's setting ({len(timgs)} embedded 64 px images, 2 x 32 + 2 x 16 px crops, scales (0.5, 1) and "
+        "(0.2, 0.5)):",
+        "",
+        "| case | CPU ms / image | x reference time |",
+        "|---|---|---|",
+        *[f"| {k} | {t_med[k]:.3f} | {t_ratio[k]:.3f} |" for k in t_rounds],
     ]
     text = "\n".join(lines)
     print(text)

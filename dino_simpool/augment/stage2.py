@@ -109,7 +109,7 @@ def _blur(xs: torch.Tensor, k: int, sig: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, k: int, sigma, inplace: bool = False) -> torch.Tensor:
     """torchvision's gaussian_blur(x, [k, k], [sigma, sigma]) (reflect padding): ``x`` (3, H, W) with one sigma, or
-    (N, 3, H, W) with one sigma per image (<= 0: that image is left as it is)."""
+    (N, 3, H, W) with one sigma per image (<= 0: that image is left as it is; sigmas on the CPU: no device sync)."""
     if k <= 1:
         return x
     h, w = x.shape[-2:]
@@ -117,8 +117,9 @@ def gaussian_blur(x: torch.Tensor, k: int, sigma, inplace: bool = False) -> torc
         raise ValueError(f"blur kernel {k} too large for a {h}x{w} image (reflect padding needs k // 2 < side)")
     if x.dim() == 3:
         return gaussian_blur(x[None], k, torch.tensor([float(sigma)]))[0]
-    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-    return _on_rows(x if inplace else x.clone(), sig > 0, lambda xs, i: _blur(xs, k, sig[i]))
+    sig = torch.as_tensor(sigma, dtype=torch.float32).cpu().reshape(-1).expand(x.shape[0])
+    sig_dev = sig.to(x.device, x.dtype, non_blocking=True)
+    return _on_rows(x if inplace else x.clone(), sig > 0, lambda xs, i: _blur(xs, k, sig_dev[i]))
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
@@ -126,32 +127,30 @@ def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Te
     return F.solarize(x, threshold)
 
 
-def _rows(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True entries, or None when there are none (the op is skipped)."""
-    idx = mask.nonzero().squeeze(1)
-    return idx if idx.numel() else None
-
-
 def _on_rows(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
-    """``x`` with ``fn(x[i], i)`` written into the rows ``i`` where ``mask`` holds (all rows: no gather)."""
-    idx = _rows(mask)
-    if idx is None:
+    """``x`` with ``fn(x[i], i)`` written into the rows ``i`` where ``mask`` holds. ``mask`` lives on the CPU (the
+    parameters come from the loader), so choosing the rows never waits for the device; all rows: no gather."""
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
         return x
     if idx.numel() == x.shape[0]:
-        return fn(x, idx)
+        return fn(x, slice(None))
+    idx = idx.to(x.device, non_blocking=True)
     return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
 
 
-def color_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """torchvision's ColorJitter with per-sample factors and op order (``p``: (N, NPARAMS)); in place on ``x``.
+def color_jitter(x: torch.Tensor, p: torch.Tensor, p_dev: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's ColorJitter with per-sample factors and op order (``p``: (N, NPARAMS) on the CPU, ``p_dev`` the
+    same on ``x``'s device); in place on ``x``.
 
     Slot by slot, each op runs on the rows that hold it at that slot (a quarter of them): every sample gets its
     four ops in its own order, and no op runs on a row that does not need it."""
+    p_dev = p if p_dev is None else p_dev
     order = p[:, P_ORDER:P_ORDER + 4].long()
     jit = p[:, P_JITTER] > 0
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            x = _on_rows(x, jit & (order[:, slot] == op), lambda xs, i: fn(xs, p[i, P_BRIGHTNESS + op]))
+            x = _on_rows(x, jit & (order[:, slot] == op), lambda xs, i: fn(xs, p_dev[i, P_BRIGHTNESS + op]))
     return x
 
 
@@ -161,8 +160,9 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 class ColorStage:
     """Stage 2 of the multi-crop pipeline: uint8 crops + parameters (any device) -> normalised float32 crops.
 
-    ``crops``: ``ncrops`` tensors, crop ``k`` of every sample, (B, 3, S_k, S_k) uint8; ``params``: (B, ncrops,
-    NPARAMS). Crops of one size are processed as one batch."""
+    ``crops``: ``ncrops`` tensors, crop ``k`` of every sample, (B, 3, S_k, S_k) uint8 on any device; ``params``:
+    (B, ncrops, NPARAMS), best left on the CPU where the loader made them (decisions are read there, so the device
+    never waits for a host read). Crops of one size are processed as one batch."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -181,16 +181,17 @@ class ColorStage:
                 continue
             b = crops[ks[0]].shape[0]
             x = torch.cat([crops[k] for k in ks])  # a fresh tensor: the ops below work in place
-            p = params[:, ks].transpose(0, 1).reshape(len(ks) * b, -1).to(x.device, torch.float32)
+            p = params[:, ks].transpose(0, 1).reshape(len(ks) * b, -1).float().cpu()
             out.extend(self.apply(x, p, r.crop_size(ks[0])).split(b))
         return out
 
     def apply(self, x: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
-        """(N, 3, S, S) uint8 (or float in [0, 255]), owned by the caller and overwritten + (N, NPARAMS) ->
-        (N, 3, S, S) float32 normalised."""
+        """(N, 3, S, S) uint8 (or float in [0, 255]), owned by the caller and overwritten, + (N, NPARAMS) on the CPU
+        -> (N, 3, S, S) float32 normalised. The decisions are read on the CPU: no device sync."""
+        p_dev = p.to(x.device, non_blocking=True)
         x = _on_rows(x, p[:, P_FLIP] > 0, lambda xs, i: xs.flip(-1))  # on uint8: 4x less memory than on floats
         x = x.float().div_(255.0)
-        x = color_jitter(x, p)
+        x = color_jitter(x, p, p_dev)
         x = _on_rows(x, p[:, P_GRAY] > 0, lambda xs, i: rgb_to_grayscale3(xs))
         x = gaussian_blur(x, self.recipe.kernel_size(size), p[:, P_SIGMA], inplace=True)
         x = _on_rows(x, p[:, P_SOLARIZE] > 0, lambda xs, i: solarize(xs))
