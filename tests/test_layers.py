@@ -34,6 +34,8 @@ def library_modules() -> list[str]:
     names = []
     for path in sorted((REPO / "dino_simpool").rglob("*.py")):
         parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[-1] == "__main__":  # a package's command line (python -m): importing it runs the command
+            continue
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
 
