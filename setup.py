@@ -32,6 +32,7 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "scipy>=1.10",
+        "kornia>=0.7",  # batched Gaussian blur with one sigma per image (multi-crop stage 2)
     ],
     extras_require={
         "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],

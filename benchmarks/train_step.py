@@ -16,6 +16,7 @@ competing with the step for the same cores, slows the step down). The verdict li
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime
 import os
 import platform
@@ -29,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dino_simpool.augment import PIPELINES, build_multicrop, default_pipeline  # noqa: E402
 from dino_simpool.data import build_dataset  # noqa: E402
 from eval.demo import demo_argv  # noqa: E402
-from dino_simpool.dino.augment import MultiCropAugmentation  # noqa: E402
 from dino_simpool.config import parse_config  # noqa: E402
 from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset  # noqa: E402
 from dino_simpool.dino.determinism import seed_all  # noqa: E402
@@ -176,54 +177,63 @@ def main(argv=None) -> int:
     gflops = flops / t_step / 1e9
     t_compiled = compiled_step_time(cfg, crops, a.iters)
 
-    # ---- 3. the pipeline alone (2 workers)
-    tf = MultiCropAugmentation(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                               global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
-                               backend=cfg.aug_backend)
-    ds = build_dataset(None, "train", transform=tf, image_size=cfg.synthetic_size,
-                       images_per_class=cfg.synthetic_per_class)
-    sampler = ResumableDistributedSampler(len(ds), batch_size=B, seed=0)
+    # ---- 3. the pipeline alone (2 workers); the default multi-crop pipeline on CPU unless the row names another
+    cpu = torch.device("cpu")
+    default = default_pipeline("cpu")
 
-    def loader_with(workers: int, nice: int = 0):
+    def loader_with(workers: int, nice: int = 0, pipeline: str = default):
+        aug = build_multicrop(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                              global_size=cfg.global_crops_size, local_size=cfg.local_crops_size, pipeline=pipeline,
+                              device=cpu, backend=cfg.aug_backend)
+        ds = build_dataset(None, "train", transform=aug.transform, image_size=cfg.synthetic_size,
+                           images_per_class=cfg.synthetic_per_class)
         cfg.num_workers, cfg.loader_nice = workers, nice
+        # to_step: the main process's part (stage 2 of the device pipelines; a copy for the cpu pipeline)
         return make_loader(SeededDataset(ds, 0), cfg.batch_size_per_gpu, cfg.num_workers, sampler=sampler,
-                           drop_last=True, nice=cfg.loader_nice or 0, seed=cfg.seed)
+                           drop_last=True, nice=cfg.loader_nice or 0, seed=cfg.seed, collate_fn=aug.collate_fn), \
+            functools.partial(aug.to_device, device=cpu)
 
-    loader = loader_with(2)
+    n_images = len(build_dataset(None, "train", image_size=cfg.synthetic_size,
+                                 images_per_class=cfg.synthetic_per_class))
+    sampler = ResumableDistributedSampler(n_images, batch_size=B, seed=0)
+    loader, to_step = loader_with(2)
     it = iter(loader)
     next(it)  # worker start-up excluded
     t = time.perf_counter()
     n = 0
     for _ in range(a.pipeline_batches):
-        next(it)
+        to_step(next(it)[0])
         n += B
     pipe_ips = n / (time.perf_counter() - t)
     del it
 
     # ---- 4. the real loop: pipeline feeding the step (the demo's workers, then 2)
-    def real_loop(loader, epoch: int) -> tuple[float, float]:
+    def real_loop(loader_and_to_step, epoch: int) -> tuple[float, float]:
         """(images/s, fraction of the loop's time spent waiting in ``next(loader)``: the step starved of data)."""
+        loader, to_step = loader_and_to_step
         sampler.set_epoch(epoch)
         it = iter(loader)
-        step(next(it)[0])  # worker start-up excluded
+        step(to_step(next(it)[0]))  # worker start-up excluded
         t = time.perf_counter()
         n, wait = 0, 0.0
         for _ in range(min(a.iters, len(sampler) // B - 1)):
             t_wait = time.perf_counter()
             images, _ = next(it)
             wait += time.perf_counter() - t_wait
-            step(images)
+            step(to_step(images))  # the device pipelines' stage 2 counts as the main process's work
             n += B
         total = time.perf_counter() - t
         return n / total, wait / total
 
-    del loader
+    del loader, to_step
     # the demo's loader (its workers, niced) and two references without nice: 1 worker, the earlier default, and 2
     loops = {}
     for epoch, (workers, nice) in enumerate([(demo_workers, demo_nice), (1, 0), (2, 0)], start=1):
         if (workers, nice) not in loops:
             loops[workers, nice] = real_loop(loader_with(workers, nice), epoch)
     loop_ips, wait = loops[demo_workers, demo_nice]
+    # each multi-crop pipeline in the real loop with the demo's loader (device pipelines: stage 2 in the main process)
+    by_pipeline = {pl: real_loop(loader_with(demo_workers, demo_nice, pl), 4 + k) for k, pl in enumerate(PIPELINES)}
 
     reads = host_reads_per_iteration()
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -234,7 +244,8 @@ def main(argv=None) -> int:
     desc = (f"tiny SimPool ViT (depth {cfg.depth}, dim {cfg.embed_dim}, patch {cfg.patch_size}; student "
             f"{nparams / 1e6:.2f} M params incl. head out_dim {cfg.out_dim}), batch {B}, 2x{cfg.global_crops_size} px "
             f"+ {cfg.local_crops_number}x{cfg.local_crops_size} px crops of {cfg.synthetic_size} px images, "
-            f"{cfg.aug_backend} augmentation, fp32, AdamW, {demo_workers} loader worker(s) at nice {demo_nice} "
+            f"{cfg.aug_backend} augmentation ({default} pipeline unless a row names another; device pipelines run "
+            f"stage 2 in the main process), fp32, AdamW, {demo_workers} loader worker(s) at nice {demo_nice} "
             f"(= the demo config, `DEMO_FLAGS`)")
     rows = [
         ("fp32 matmul peak (2048^3)", f"{peak:.1f} GFLOP/s", "reference"),
@@ -248,6 +259,9 @@ def main(argv=None) -> int:
         *[(f"real loop ({w} worker(s), nice {n}{' = the demo' if (w, n) == (demo_workers, demo_nice) else ''})",
             f"{ips:.1f} img/s", f"{100 * ips / step_ips:.0f}% of the step alone; {100 * wt:.1f}% of it waiting for "
             f"data") for (w, n), (ips, wt) in loops.items()],
+        *[(f"real loop, `--aug_pipeline {pl}`{' (the default on CPU)' if pl == default else ''}", f"{ips:.1f} img/s",
+           f"{100 * ips / step_ips:.0f}% of the step alone; {100 * wt:.1f}% of it waiting for data")
+          for pl, (ips, wt) in by_pipeline.items()],
         ("host reads per iteration (real trainer, bf16, clipping)", f"{reads}",
          f"each one a device sync on a GPU; {HOST_READS_BEFORE} before the step was rewritten (7ccc5ad)"),
         ("peak RSS, main process", f"{rss_self:.0f} MiB", ""),

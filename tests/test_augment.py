@@ -218,13 +218,14 @@ def _recorded_crop_areas(monkeypatch, backend, n_calls, size=64):
     """Area fractions of the crops each transform cut (global crops first), recorded inside the backends."""
     areas = []
     if backend == "fast":
-        orig = A.random_resized_crop_params
+        from dino_simpool.augment import recipe as R  # where the fast backend's stage 1 samples its boxes
+        orig = R.random_resized_crop_params
 
         def rec(height, width, scale, *args, **kw):
             top, left, h, w = orig(height, width, scale, *args, **kw)
             areas.append(h * w / (height * width))
             return top, left, h, w
-        monkeypatch.setattr(A, "random_resized_crop_params", rec)
+        monkeypatch.setattr(R, "random_resized_crop_params", rec)
     else:
         from torchvision.transforms import v2
         orig = v2.RandomResizedCrop.make_params

@@ -72,7 +72,7 @@ def test_every_trainconfig_field_is_a_flag_and_round_trips(tmp_path):
 # flags whose value does not change what a run computes (they may differ on a resume); every other flag does
 NOT_RESULT = {"num_workers", "loader_nice", "output_dir", "saveckp_freq", "max_iters", "log_every", "eval_every",
               "nb_knn", "temperature", "dist_url", "backend", "local_rank", "num_threads", "config", "preset",
-              "compile", "resume_force"}
+              "compile", "resume_force", "aug_pipeline"}
 
 
 def test_affects_result_is_decided_for_every_flag():

@@ -158,6 +158,14 @@ class TrainConfig:
     local_crops_size: int = crops(96, "local crop side in pixels", embedded=16, check=positive)
     aug_backend: str = crops("fast", "multi-crop implementation: fast (batched kernels, same recipe and rates, ~3x "
                              "faster on small crops) or v2 (stock torchvision.transforms.v2)", choices=AUG_BACKENDS)
+    aug_pipeline: str = crops(
+        "auto", "where DINO's multi-crop runs. cpu: the loader workers do all of it (stage 2 batched per worker batch). "
+        "device: the workers decode and cut uint8 crops; the training device runs colour jitter, grayscale, blur, "
+        "solarize and normalise on the whole batch. device_decode: the workers only read JPEG bytes and draw the "
+        "random parameters; the device decodes them (nvjpeg on CUDA) and cuts the crops; other formats are decoded by "
+        "the workers. auto: device on CUDA, cpu on CPU (the fastest measured there). All random parameters are drawn "
+        "in the workers from the per-sample seeded generator, so every choice is reproducible and a resume is "
+        "bit-identical on CPU", choices=("auto", "cpu", "device", "device_decode"), affects_result=False)
     # --- data ---
     data_path: str | None = data(
         None, "ImageFolder root with train/ (and val/ for k-NN); left out = the embedded procedural dataset, and every "

@@ -30,7 +30,8 @@ from dino_simpool.config import TrainConfig, result_differences
 from dino_simpool.checkpoint import Checkpointer, CheckpointError, describe_key_mismatch
 from dino_simpool.data import DataError, build_dataset
 from dino_simpool.data.loader import end_workers, make_loader
-from dino_simpool.dino.augment import MultiCropAugmentation, eval_transform
+from dino_simpool.augment import build_multicrop
+from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, optimizer_options, place, unwrap
 from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset
 from dino_simpool.dino.determinism import gather_rng_state, rng_isolated, seed_all, seed_step, set_rng_state
@@ -84,7 +85,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
     if cfg.data_path is None:
         log.info("no --data_path: training on the embedded SyntheticShapes dataset; flags not given take its small "
                  "defaults (the demo's configuration, [embedded: ...] in --help; resolved values in config.yaml)")
-    train_set, sampler, loader, knn_sets = build_data(cfg, world, rank, device)
+    train_set, sampler, loader, knn_sets, aug = build_data(cfg, world, rank, device)
     niter = sampler.batches_per_epoch
     try:
         seed_all(cfg.seed)  # the same initial weights on every rank
@@ -130,8 +131,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
         for epoch in range(epoch0, cfg.epochs):
             t_epoch = time.perf_counter()
             sampler.set_epoch(epoch, iter0)
-            sums, iteration, stop_code = run_epoch(step, loader, sched, cfg, epoch, iter0, niter, stop, hooks,
-                                                   state, log)
+            sums, iteration, stop_code = run_epoch(step, loader, aug.to_device, sched, cfg, epoch, iter0, niter, stop,
+                                                   hooks, state, log)
             iter0 = 0
             state.save(epoch + 1, 0, iteration, finished_epoch=epoch)
             if stop_code is None and any_rank([stop.set], device)[0]:  # a signal after the epoch's last step
@@ -162,8 +163,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, hooks: Hooks, stop: PreemptionFlag)
         log.close()
 
 
-def run_epoch(step: DINOStep, loader, sched: "Schedules", cfg: TrainConfig, epoch: int, iter0: int, niter: int,
-              stop: PreemptionFlag, hooks: Hooks, state: "TrainState", log: Logger
+def run_epoch(step: DINOStep, loader, to_device: Callable, sched: "Schedules", cfg: TrainConfig, epoch: int,
+              iter0: int, niter: int, stop: PreemptionFlag, hooks: Hooks, state: "TrainState", log: Logger
               ) -> tuple[EpochSums, int, int | None]:
     """One epoch from batch ``iter0``; returns the epoch's sums, the global iteration reached and a stop code (or
     None). A stop mid-epoch saves the resume point here and raises ``Stop``; one at the epoch's end returns it."""
@@ -179,7 +180,7 @@ def run_epoch(step: DINOStep, loader, sched: "Schedules", cfg: TrainConfig, epoc
             it = epoch * niter + i
             seed_step(cfg.seed, rank, it)
             apply_schedules(step.optimizer, float(sched.lr[it]), float(sched.wd[it]))
-            images = [im.to(device, non_blocking=True) for im in images]
+            images = to_device(images, device)  # stage 2 of the multi-crop for the device pipelines
             if hooks.before_step is not None:
                 hooks.before_step(it)
             stats = step(images, epoch, float(sched.momentum[it]),
@@ -217,13 +218,13 @@ def run_epoch(step: DINOStep, loader, sched: "Schedules", cfg: TrainConfig, epoc
 
 # ---------------------------------------------------------------------------------------------------- parts
 def build_data(cfg: TrainConfig, world: int, rank: int, device: torch.device):
-    """Training set, its resumable sampler and loader, and the periodic k-NN's (train, val) sets or None; errors
-    before any work."""
-    transform = MultiCropAugmentation(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
-                                      global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
-                                      backend=cfg.aug_backend)
+    """Training set, its resumable sampler and loader, the periodic k-NN's (train, val) sets or None, and the
+    multi-crop pipeline (its ``to_device`` runs stage 2 on the device); errors before any work."""
+    aug = build_multicrop(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                          global_size=cfg.global_crops_size, local_size=cfg.local_crops_size,
+                          pipeline=cfg.aug_pipeline, device=device, backend=cfg.aug_backend)
     data_kw = dict(subset=cfg.subset, image_size=cfg.synthetic_size, images_per_class=cfg.synthetic_per_class)
-    train_set = build_dataset(cfg.data_path, "train", transform=transform, **data_kw)
+    train_set = aug.prepare_dataset(build_dataset(cfg.data_path, "train", transform=aug.transform, **data_kw))
     sampler = ResumableDistributedSampler(len(train_set), num_replicas=world, rank=rank, seed=cfg.seed,
                                           shuffle=True, batch_size=cfg.batch_size_per_gpu, drop_last=True)
     if sampler.batches_per_epoch < 1:
@@ -232,7 +233,7 @@ def build_data(cfg: TrainConfig, world: int, rank: int, device: torch.device):
                         f"--batch_size_per_gpu or use more data")
     loader = make_loader(SeededDataset(train_set, cfg.seed), cfg.batch_size_per_gpu, cfg.num_workers,
                          sampler=sampler, drop_last=True, pin_memory=device.type == "cuda",
-                         nice=cfg.loader_nice or 0, seed=cfg.seed)
+                         nice=cfg.loader_nice or 0, seed=cfg.seed, collate_fn=aug.collate_fn)
     knn_sets = None
     if cfg.eval_every > 0:
         etf = eval_transform(resize=int(round(cfg.global_crops_size * 256 / 224)), crop=cfg.global_crops_size)
@@ -241,7 +242,7 @@ def build_data(cfg: TrainConfig, world: int, rank: int, device: torch.device):
         except DataError as e:
             raise DataError(f"{e} (the periodic k-NN needs the val split; pass --eval_every 0 to train without it)")
         knn_sets = (build_dataset(cfg.data_path, "train", transform=etf, **data_kw), val_set)
-    return train_set, sampler, loader, knn_sets
+    return train_set, sampler, loader, knn_sets, aug
 
 
 class Schedules:
