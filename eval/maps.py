@@ -15,7 +15,9 @@ from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, unique_names
 from dino_simpool.data.folder import scan_images
 
 IMG_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MAP_CHOICES = ("auto", "pool", "heads_mean", "mean_blocks")
+MAP_CHOICES = ("auto", "pool", "heads_mean", "mean_blocks", "similarity")
+#: poolings whose own attention is uniform over locations, so it cannot localize anything
+UNIFORM_POOLINGS = ("gap",)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,25 +68,46 @@ def list_images_named(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
 # maps and features
 # ----------------------------------------------------------------------------------------------------------------------
 def resolve_map_kind(model, kind: str = "auto") -> str:
-    """``auto``: ``pool`` for poolings with an attention map (SimPool...), ``heads_mean`` (the last block's [CLS]
-    attention averaged over heads) for ``cls``."""
+    """``auto``: ``heads_mean`` (the last block's [CLS] attention averaged over heads) for ``cls``, ``similarity``
+    for GAP (its own attention is uniform), ``pool`` for the other poolings (SimPool's attention...).
+    ``similarity``, for any pooling: the cosine between each location's final feature and the pooled vector."""
     if kind not in MAP_CHOICES:
         raise ValueError(f"--map must be one of {MAP_CHOICES}; got {kind!r}")
-    is_cls = getattr(model, "pooling", None) == "cls"
+    pooling = getattr(model, "pooling", None)
+    is_cls = pooling == "cls"
     if kind == "auto":
-        return "heads_mean" if is_cls else "pool"
+        return "heads_mean" if is_cls else "similarity" if pooling in UNIFORM_POOLINGS else "pool"
     if kind in ("heads_mean", "mean_blocks") and not is_cls:
         raise ValueError(f"--map {kind} is for cls backbones ([CLS] attention); this one pools with "
-                         f"{model.pooling!r} (use --map pool)")
+                         f"{model.pooling!r} (use --map pool or similarity)")
     if kind == "pool" and is_cls:
-        raise ValueError("--map pool needs a pooling with an attention map; cls backbones use heads_mean/mean_blocks")
+        raise ValueError("--map pool needs a pooling with an attention map; cls backbones use heads_mean, "
+                         "mean_blocks or similarity")
     return kind
 
 
 @torch.no_grad()
+def similarity_map(model, x: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) cosine between each location's final feature and the pooled vector ``model(x)``: where the image
+    looks like what the pooling kept. ViT: the final-norm patch tokens; CNN: the last stage's map."""
+    pooled = model(x)
+    if getattr(model, "is_vit", False):
+        tokens = model.get_intermediate_layers(x, 1)[0][:, model.num_prefix_tokens:]
+        h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+    else:
+        fmap = model.forward_features(x)
+        h, w = fmap.shape[-2:]
+        tokens = fmap.flatten(2).transpose(1, 2)
+    sim = torch.nn.functional.cosine_similarity(tokens, pooled[:, None, :].to(tokens.dtype), dim=-1)
+    return sim.reshape(x.shape[0], h, w)
+
+
+@torch.no_grad()
 def attention_map(model, x: torch.Tensor, kind: str = "auto") -> torch.Tensor:
-    """(B, h, w) attention map of the chosen kind (see :func:`resolve_map_kind`)."""
+    """(B, h, w) map of the chosen kind (see :func:`resolve_map_kind`)."""
     kind = resolve_map_kind(model, kind)
+    if kind == "similarity":
+        return similarity_map(model, x)
     maps = model.attention_maps(x)
     if kind == "pool":
         if "pool" not in maps:

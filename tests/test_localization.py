@@ -311,3 +311,33 @@ def test_metric_clis_clear_errors(tiny_setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'three.json'}: val/circle/00000.png: box 0 is [1, 2, 3]" in err and len(err.strip().splitlines()) == 1
     assert localization.main(["--pretrained_weights", str(tmp_path / "missing.pth")]) == 2
+
+
+@pytest.mark.parametrize("arch,pooling", [("vit_tiny", "gap"), ("vit_tiny", "cls"), ("vit_tiny", "simpool"),
+                                          ("resnet18", "gap")])
+def test_similarity_map_is_cosine_to_the_pooled_vector(arch, pooling):
+    """``--map similarity``: cosine of each location's final feature with ``model(x)``, for any pooling; GAP's
+    ``auto`` map is it, since GAP's own attention is uniform (min-max normalised to zeros: no box at all)."""
+    import torch
+
+    from dino_simpool.models.backbones import build_backbone
+    from eval.maps import attention_map, resolve_map_kind
+
+    torch.manual_seed(0)
+    kw = dict(depth=2, embed_dim=32, num_heads=2, patch_size=4) if arch.startswith("vit") else {}
+    model = build_backbone(arch=arch, pooling=pooling, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sim = attention_map(model, x, "similarity")
+    with torch.no_grad():
+        pooled = torch.nn.functional.normalize(model(x), dim=-1)
+        if model.is_vit:
+            feats = model.get_intermediate_layers(x, 1)[0][:, model.num_prefix_tokens:]
+        else:
+            feats = model.forward_features(x).flatten(2).transpose(1, 2)
+        want = torch.einsum("bnd,bd->bn", torch.nn.functional.normalize(feats, dim=-1), pooled)
+    assert sim.shape == (2, *((8, 8) if model.is_vit else (1, 1)))
+    torch.testing.assert_close(sim.flatten(1), want, atol=1e-5, rtol=1e-5)
+    assert resolve_map_kind(model, "auto") == {"gap": "similarity", "cls": "heads_mean",
+                                               "simpool": "pool"}[pooling]
+    if model.is_vit:
+        assert float(sim.std()) > 1e-3  # not a constant map

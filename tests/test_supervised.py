@@ -164,7 +164,7 @@ def test_paper_recipe_loads_with_its_values(stem):
     raw = yaml.safe_load(path.read_text())
     from dino_simpool.supervised.config import FIELDS
     not_recipe = {"data_dir", "output", "synthetic_size", "synthetic_per_class", "attention_images", "max_iters",
-                  "backend", "dist_url", "num_classes"}
+                  "backend", "dist_url", "num_classes", "num_threads"}
     irrelevant = {"depth", "embed_dim", "num_heads"} | ({"patch_size"} if arch != "vit_small" else set()) | (
         {"gamma"} if pooling != "simpool" else set())
     assert set(FIELDS) - not_recipe - irrelevant - set(raw) == set()  # nothing left to the code's defaults

@@ -92,3 +92,27 @@ def test_helper_on_a_plain_parser_and_none(threads):
     with pytest.raises(ValueError, match="--num_threads must be >= 1"):
         apply_num_threads(0)
     assert isinstance(OneLineErrorParser("y"), argparse.ArgumentParser)
+
+
+@pytest.mark.slow
+def test_supervised_command_applies_num_threads(tmp_path):
+    """``dino-simpool-supervised --num_threads N`` (and the recipe key) sets torch's threads before training: the
+    run's first step sees N threads (a real process, one iteration on the embedded data)."""
+    code = ("import sys, torch\n"
+            "from dino_simpool.supervised.cli import main\n"
+            "from dino_simpool.supervised.trainer import Hooks\n"
+            "seen = []\n"
+            "rc = main(sys.argv[1:], hooks=Hooks(before_step=lambda it: seen.append(torch.get_num_threads())))\n"
+            "print('THREADS', seen[0], rc)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    common = ["--gp", "avg", "--epochs", "1", "--max-iters", "1", "--synthetic-per-class", "4", "-b", "8", "--workers", "0",
+              "--attention-images", "0"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("num_threads: 1\n")
+    for extra, want in ((["--num_threads", "2"], "2"), (["--config", str(recipe)], "1")):
+        out = tmp_path / want
+        r = subprocess.run([sys.executable, "-c", code, *common, *extra, "--output", str(out)], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"THREADS {want} 0" in r.stdout, r.stdout[-1000:]

@@ -43,12 +43,14 @@ def _run(argv, hooks, stop: PreemptionFlag) -> int:
     from pathlib import Path
 
     from dino_simpool.checkpoint import CheckpointError, CheckpointWriteError
+    from dino_simpool.cli import apply_num_threads
     from dino_simpool.supervised.config import SupervisedConfig, given_options, with_embedded_defaults
     from dino_simpool.supervised.trainer import train
 
     try:
         given = given_options(argv)
         cfg = SupervisedConfig.from_dict(with_embedded_defaults(given))
+        apply_num_threads(cfg.num_threads)  # the flag or the recipe's value; None keeps torch's
         if cfg.data_dir is not None or "gp" in given:
             rc = train(cfg, hooks=hooks, stop=stop)
             if rc == EXIT_OK and cfg.data_dir is None and cfg.attention_images:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag
+from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, positive_int
 from dino_simpool.models.backbones import arch_family, list_archs
 from dino_simpool.models.options import parse_gamma, resolve_gamma, resolve_pooling
 from dino_simpool.pooling import get_pooling_entry
@@ -101,6 +101,10 @@ class SupervisedConfig:
     recount: int = option(1, "--recount", type=int, help="random-erasing count")
     workers: int | None = option(None, "--workers", "-j", "--num_workers", type=_none_or(int), embedded=2,
                               help="data-loading processes per rank (default: min(4, CPUs of this task))")
+    num_threads: int | None = option(None, "--num_threads", "--num-threads", type=_none_or(positive_int),
+                                  help="CPU threads of each training process (torch.set_num_threads, "
+                                       "OMP_NUM_THREADS), set before any work (default: torch's own); on a shared "
+                                       "machine fewer threads than cores is often faster")
     # --- model ---
     model: str = option("resnet50", "--model", "--arch", type=str, embedded="vit_tiny",
                      help=f"backbone: {', '.join(list_archs())}, or a timm ViT name such as "
