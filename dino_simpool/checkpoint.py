@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -70,6 +70,12 @@ def save_atomic(obj: Any, path: str | os.PathLike, resume_point: str | os.PathLi
     ``checkpoint.pth`` when ``path`` is a snapshot), else ``path`` itself. The file gets the mode a plain ``open`` would give (0666 less
     the umask), not mkstemp's owner-only 0600, so that other users' evaluation jobs can read it as usual.
     """
+    return write_atomic(path, lambda f: torch.save(obj, f), resume_point)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None],
+                 resume_point: str | os.PathLike | None = None) -> Path:
+    """:func:`save_atomic` for any content: ``write(f)`` writes it into the binary file object ``f``."""
     path = Path(path)
     tmp = None
     writer = None
@@ -79,7 +85,7 @@ def save_atomic(obj: Any, path: str | os.PathLike, resume_point: str | os.PathLi
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(obj, writer)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

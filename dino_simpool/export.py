@@ -54,13 +54,14 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from dino_simpool.checkpoint import CheckpointError, load_checkpoint, save_atomic, write_atomic
 from dino_simpool.models.backbones import VIT_ARCHS, arch_family, build_backbone, resolve_arch
-from dino_simpool.models.weights import (build_backbone_from_checkpoint, fb_convnext_to_timm, read_checkpoint,
-                                         timm_convnext_to_fb)
+from dino_simpool.models.weights import (build_backbone_from_checkpoint, check_export_digest, fb_convnext_to_timm,
+                                         file_sha256, read_checkpoint, timm_convnext_to_fb)
 from dino_simpool.pooling import SimPool
 
 EXPORT_FORMAT = "dino-simpool-export"
@@ -307,14 +308,6 @@ def config_digest(config: Any) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_backbone(model, output_dir, training_config: dict | None = None, source: dict | None = None,
                     layout: str = "auto") -> dict:
     """Write ``backbone.safetensors``, ``backbone.pth`` and ``config.json`` for ``model`` into ``output_dir``.
@@ -328,10 +321,13 @@ def export_backbone(model, output_dir, training_config: dict | None = None, sour
     sd = export_state_dict(model, layout)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    st_path, pth_path = out / SAFETENSORS_NAME, out / PTH_NAME
-    save_file(sd, str(st_path), metadata={"format": "pt", "producer": EXPORT_FORMAT, "layout": spec["layout"]})
+    st_path, pth_path, cfg_path = out / SAFETENSORS_NAME, out / PTH_NAME, out / CONFIG_NAME
+    # config.json goes first and comes back last: a crash in between leaves weights without a config (refused by
+    # every loader, timm's included), never new weights under an old config
+    cfg_path.unlink(missing_ok=True)
+    st_meta = {"format": "pt", "producer": EXPORT_FORMAT, "layout": spec["layout"]}
+    write_atomic(st_path, lambda f: f.write(safetensors_bytes(sd, metadata=st_meta)))
     save_atomic(sd, pth_path)
-    os.chmod(st_path, os.stat(pth_path).st_mode & 0o777)  # safetensors writes 0600; match the .pth (umask)
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -348,10 +344,11 @@ def export_backbone(model, output_dir, training_config: dict | None = None, sour
         "timm": spec,
         "training_config_sha256": config_digest(training_config),
         "source": source or {},
-        "files": {SAFETENSORS_NAME: _file_sha256(st_path), PTH_NAME: _file_sha256(pth_path)},
+        "files": {SAFETENSORS_NAME: file_sha256(st_path), PTH_NAME: file_sha256(pth_path)},
         **_timm_folder_config(spec, cfg, int(model.embed_dim)),  # timm.create_model("local-dir:<folder>") reads these
     }
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+    text = json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n"
+    write_atomic(cfg_path, lambda f: f.write(text.encode()))
     for f in (st_path, pth_path):  # read back: same keys, same tensors
         back = read_export_weights(f)
         if back.keys() != sd.keys() or any(not torch.equal(back[k], sd[k]) for k in sd):
@@ -450,8 +447,9 @@ def load_exported(path, map_location: str | torch.device = "cpu"):
     ``model.set_compat("official")`` for the official code's). Returns the
     :class:`~dino_simpool.models.backbones.Backbone` in eval mode.
     """
-    weights, _ = resolve_export(path)
+    weights, cfg_path = resolve_export(path)
     meta = read_export_config(path)
+    check_export_digest(weights, meta, cfg_path)
     sd = read_export_weights(weights)
     model = build_backbone(**meta["backbone"])
     mapped = import_state_dict(sd, meta["backbone"], meta.get("layout", "dino_simpool"))

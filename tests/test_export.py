@@ -9,6 +9,7 @@ import torch
 from dino_simpool.checkpoint import CheckpointError, save_atomic
 from dino_simpool.export import export_backbone, export_checkpoint, load_exported, read_export_weights
 from dino_simpool.models.backbones import build_backbone
+from dino_simpool.models.weights import build_backbone_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
@@ -187,10 +188,53 @@ def test_safetensors_preferred_when_both_exist(tmp_path):
     torch.save({k: torch.zeros_like(v) for k, v in sd.items()}, tmp_path / "backbone.pth")  # now they differ
     x = x_of(model)
     with torch.no_grad():
-        assert torch.equal(load_exported(tmp_path)(x), model(x))
-        assert not torch.equal(load_exported(tmp_path / "backbone.pth")(x), model(x))  # an explicit file is honoured
+        assert torch.equal(load_exported(tmp_path)(x), model(x))  # the folder reads backbone.safetensors
+    # the altered .pth is not the file config.json describes: refused by every loader, not loaded under that config
+    for load in (load_exported, build_backbone_from_checkpoint):
+        with pytest.raises(CheckpointError, match="sha256 differs"):
+            load(tmp_path / "backbone.pth")
     (tmp_path / "backbone.safetensors").unlink()
-    assert torch.equal(load_exported(tmp_path).encoder.norm.weight, torch.zeros(32))  # falls back to the .pth
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_exported(tmp_path)  # falls back to the .pth, which is refused
+
+
+def test_weights_copied_over_another_export_are_refused(tmp_path):
+    """Same architecture, other weights: the keys and shapes all match, so only the digest can tell."""
+    a, b = perturbed(tiny("simpool"), 1), perturbed(tiny("simpool"), 2)
+    export_backbone(a, tmp_path / "a")
+    export_backbone(b, tmp_path / "b")
+    (tmp_path / "a" / "backbone.safetensors").write_bytes((tmp_path / "b" / "backbone.safetensors").read_bytes())
+    for load in (load_exported, build_backbone_from_checkpoint):
+        with pytest.raises(CheckpointError, match="sha256 differs.*export it again"):
+            load(tmp_path / "a")
+
+
+def test_an_interrupted_export_leaves_no_config_over_new_weights(tmp_path, monkeypatch):
+    """config.json is removed before the weights are replaced and written last (each file atomically): a crash in
+    between leaves weights without a config, which loaders refuse, never new weights under the old config."""
+    import dino_simpool.export as ex
+
+    old, new = perturbed(tiny("simpool"), 1), perturbed(tiny("simpool"), 2)
+    export_backbone(old, tmp_path)
+    real = ex.write_atomic
+
+    def crash_on_config(path, write, *a, **k):
+        if Path(path).name == "config.json":
+            raise KeyboardInterrupt  # the job killed between the weights and the config
+        return real(path, write, *a, **k)
+
+    monkeypatch.setattr(ex, "write_atomic", crash_on_config)
+    with pytest.raises(KeyboardInterrupt):
+        export_backbone(new, tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pth", "backbone.safetensors"]  # no temporaries
+    with pytest.raises(CheckpointError):
+        load_exported(tmp_path)
+    export_backbone(new, tmp_path)  # exporting again repairs it
+    x = x_of(new)
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path)(x), new(x))
 
 
 class _Payload:  # any non-plain object: unpickling it would need arbitrary code
@@ -203,6 +247,11 @@ def test_pickled_code_is_refused(tmp_path, capsys):
     export_backbone(model, tmp_path)
     (tmp_path / "backbone.safetensors").unlink()
     torch.save({**model.state_dict(), "evil": _Payload()}, tmp_path / "backbone.pth")
+    with pytest.raises(CheckpointError, match="sha256 differs"):  # not the exported file: refused before reading
+        load_exported(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["files"]  # a config without digests (hand-written): the unpickler itself must refuse the code
+    (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="refusing"):
         load_exported(tmp_path)
     assert "should never run" not in capsys.readouterr().out

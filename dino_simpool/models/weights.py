@@ -30,6 +30,7 @@ only ``argparse.Namespace`` (stored by the official training scripts) is admitte
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 import json
 import math
@@ -311,13 +312,33 @@ def _weights_in_dir(folder: Path) -> Path:
     )
 
 
-def _config_from_json(path: Path) -> dict | None:
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_export_digest(weights: Path, meta: Any, config_path: Path) -> None:
+    """An export's ``config.json`` lists the sha256 of its weight files: a weights file that differs from it (an
+    interrupted or mixed export, a file copied over) is refused rather than loaded under the wrong config."""
+    files = meta.get("files") if isinstance(meta, dict) else None
+    want = files.get(weights.name) if isinstance(files, dict) else None
+    if want is not None and file_sha256(weights) != want:
+        raise CheckpointError(f"{weights} is not the file that {config_path} describes (its sha256 differs: an "
+                              f"interrupted export, or weights copied over another export's); export it again")
+
+
+def _config_from_json(path: Path, weights: Path | None = None) -> dict | None:
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if weights is not None:
+        check_export_digest(weights, data, path)
     if isinstance(data, dict) and isinstance(data.get("backbone"), dict):
         return dict(data["backbone"])
     if isinstance(data, dict) and "arch" in data:
@@ -451,7 +472,7 @@ def build_backbone_from_checkpoint(path, checkpoint_key: str | None = "teacher",
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj["config"].get("backbone"), dict):
         cfg, source = dict(obj["config"]["backbone"]), "checkpoint"
     if cfg is None:
-        cfg = _config_from_json(cfg_json)
+        cfg = _config_from_json(cfg_json, weights)
         if cfg is not None:
             source = "config.json"
     if cfg is None:
