@@ -141,7 +141,8 @@ def load_samples(args) -> list:
     if args.data_path is None:
         if args.boxes or args.annotations:
             raise ValueError("--boxes/--annotations need --data_path (the images they refer to)")
-        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class)
+        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class,
+                                           layout=args.synthetic_layout)
     elif args.boxes:
         samples = locdata.folder_json_samples(args.data_path, args.boxes)
     else:

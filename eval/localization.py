@@ -165,7 +165,8 @@ def load_samples(args) -> list:
     if args.data_path is None:
         if args.boxes:
             raise ValueError("--boxes needs --data_path (the images the boxes refer to)")
-        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class)
+        samples = locdata.embedded_samples("val", args.synthetic_size, args.synthetic_per_class,
+                                           layout=args.synthetic_layout)
     else:
         if not args.boxes:
             raise ValueError("--data_path needs --boxes (a JSON or CUB bounding_boxes.txt file)")

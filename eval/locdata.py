@@ -29,6 +29,7 @@ from PIL import Image
 from dino_simpool.checkpoint import CheckpointError
 from dino_simpool.cli import print_error
 from dino_simpool.data import DataError, SyntheticShapes
+from dino_simpool.data.synthetic import LAYOUTS as SYNTHETIC_LAYOUTS
 from dino_simpool.data.folder import scan_images
 from dino_simpool.evaluation.features import model_device
 from dino_simpool.evaluation.images import DEFAULT_MAX_SIZE, input_multiple, model_input_size, to_tensor
@@ -184,6 +185,9 @@ def add_box_evaluator_args(p: argparse.ArgumentParser, results_file: str) -> Non
     add_model_args(p, device=True, seed=True)
     p.add_argument("--synthetic_size", default=64, type=int, help="embedded dataset image size")
     p.add_argument("--synthetic_per_class", default=None, type=int, help="embedded val images per class (default 50)")
+    p.add_argument("--synthetic_layout", default="default", choices=list(SYNTHETIC_LAYOUTS),
+                   help="embedded dataset layout: default (large, near-centre objects: a centre prior scores high) or "
+                        "cluttered (objects anywhere, at any scale, on clutter; benchmarks/localization.py)")
     add_size_args(p)
     p.add_argument("--batch_size", default=32, type=int)
     p.add_argument("--subset", default=-1, type=int, help="evaluate only the first N images")
@@ -205,7 +209,7 @@ def run_box_evaluator(prog: str, args: argparse.Namespace, check: Callable[[], N
     except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
         print_error(prog, e)
         return 2
-    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px)",
+    res.update(data=args.data_path or f"embedded val ({args.synthetic_size}px, {args.synthetic_layout} layout)",
                model=args.pretrained_weights or "random init", arch=model.config["arch"],
                pooling=model.config["pooling"])
     print(summary(res))

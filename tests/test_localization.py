@@ -254,6 +254,28 @@ def test_localization_cli_matches_library_on_model_maps(tiny_setup, capsys):
     assert f"MaxBoxAccV2 {ref['maxboxaccv2']:.2f} on 4 images (heads_mean map)" in capsys.readouterr().out
 
 
+def test_box_evaluators_read_the_cluttered_layout(tiny_setup, capsys):
+    """``--synthetic_layout cluttered``: the CLIs score the cluttered images and boxes (equal to the library on
+    them), not the default layout's."""
+    from eval import discovery, localization
+    from eval.locdata import embedded_samples
+    from dino_simpool.export import load_exported
+
+    model = load_exported(tiny_setup / "exp_cls")
+    flags = ["--pretrained_weights", str(tiny_setup / "exp_cls"), "--synthetic_size", "32", "--synthetic_per_class",
+             "3", "--device", "cpu"]
+    for layout in ("cluttered", "default"):
+        samples = embedded_samples("val", 32, 3, layout=layout)
+        ref = localization.evaluate_model(model, samples)
+        assert localization.main([*flags, "--synthetic_layout", layout]) == 0
+        assert f"MaxBoxAccV2 {ref['maxboxaccv2']:.2f} on 30 images" in capsys.readouterr().out
+        ref = discovery.evaluate_model(model, samples, "lost")
+        assert discovery.main([*flags, "--synthetic_layout", layout, "--method", "lost"]) == 0
+        assert f"CorLoc (lost) {ref['corloc']:.2f} on 30 images" in capsys.readouterr().out
+    boxes = [embedded_samples("val", 32, 3, layout=lay)[0].boxes for lay in ("cluttered", "default")]
+    assert boxes[0] != boxes[1]
+
+
 @pytest.mark.parametrize("method", ["attention", "lost"])
 def test_discovery_cli_same_corloc_from_embedded_json_and_voc(tiny_setup, tmp_path, method):
     from eval.discovery import main
