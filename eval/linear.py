@@ -451,8 +451,8 @@ def validate(heads: nn.Module, core: LinearHeads, batches, epoch: int = 0) -> li
 
 
 # -------------------------------------------------------------------------------------------------- checkpoint
-def _spec(core: LinearHeads, mode: str) -> dict:
-    return {"heads": core.spec_dicts(), "num_labels": core.num_labels, "features": mode}
+def _spec(core: LinearHeads, mode: str, train_aug: str) -> dict:
+    return {"heads": core.spec_dicts(), "num_labels": core.num_labels, "features": mode, "train_aug": train_aug}
 
 
 def check_spec(saved: dict | None, current: dict, path, compare_mode: bool = True) -> None:
@@ -472,6 +472,9 @@ def check_spec(saved: dict | None, current: dict, path, compare_mode: bool = Tru
                             f"from this backbone")
     if compare_mode and saved.get("features") != current["features"]:
         problems.append(f"trained on {saved.get('features')} features, now {current['features']} (--cached_features)")
+    if compare_mode and "train_aug" in saved and saved["train_aug"] != current["train_aug"]:  # older: not stored
+        problems.append(f"train augmentation {saved['train_aug']} saved vs {current['train_aug']} now "
+                        f"(--train_aug/--train_crop_scale)")
     if problems:
         raise CheckpointError(
             f"head checkpoint {path} does not match this run: " + "; ".join(problems)
@@ -548,7 +551,7 @@ def run(args, backbone: nn.Module | None = None, train_dataset=None, val_dataset
     bs = args.batch_size_per_gpu
     mode = "cached" if args.cached_features else "images"
     core = LinearHeads(make_specs(feature_sets, args.lrs, in_dims), num_labels, seed=args.seed).to(device)
-    spec = _spec(core, mode)
+    spec = _spec(core, mode, describe_train_aug(args))
     ckpt_path = out_dir / CHECKPOINT_NAME
     # checkpoint checks first: a mismatch fails before any (long) feature extraction
     ck = None

@@ -251,6 +251,11 @@ def test_mismatched_head_checkpoint_is_a_clear_error(tmp_path):
                    train_dataset=Blobs(n_per_class=2, num_classes=10), val_dataset=Blobs(n_per_class=2, num_classes=10))
     with pytest.raises(CheckpointError, match="--epochs"):
         _run(tmp_path, "--lrs", "0.5", "--epochs", "9")
+    with pytest.raises(CheckpointError, match=r"train augmentation RandomResizedCrop.*scale=\(0.08, 1\).*saved vs "
+                                              r"Resize.*now \(--train_aug/--train_crop_scale\)"):
+        _run(tmp_path, "--lrs", "0.5", "--train_aug", "none")
+    with pytest.raises(CheckpointError, match=r"scale=\(0.5, 1\)\) \+ flip now"):
+        _run(tmp_path, "--lrs", "0.5", "--train_crop_scale", "0.5", "1")
     with pytest.raises(CheckpointError, match="does not exist"):
         _run(tmp_path / "empty", "--evaluate")
 
