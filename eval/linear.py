@@ -33,6 +33,7 @@ from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
 from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, print_error
 from dino_simpool.data import DataError, build_dataset
+from dino_simpool.data.loader import end_workers, make_loader
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.step import agree
@@ -323,20 +324,21 @@ class ImageBatches:
     def epoch(self, epoch: int):
         rank, world = D.get_rank(), D.get_world_size()
         sampler = _ShardSampler(_order(len(self.dataset), self.seed, epoch, self.shuffle), rank, world, self.pad)
-        gen = torch.Generator().manual_seed(int(self.seed) * 7919 + int(epoch) * 31 + rank)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.bs, sampler=sampler, num_workers=self.nw, generator=gen,
-            pin_memory=self.device.type == "cuda", drop_last=False,
-        )
-        for imgs, labels, *_ in loader:
-            labels = torch.as_tensor(labels)
-            problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
-            if problem is not None:
-                yield None, None, problem
-                continue
-            imgs = imgs.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            yield self.extractor(imgs), labels, None
+        seed = int(self.seed) * 7919 + int(epoch) * 31 + rank
+        loader = make_loader(self.dataset, self.bs, self.nw, sampler=sampler, seed=seed,
+                             pin_memory=self.device.type == "cuda", persistent=False)
+        try:  # the workers end with the epoch, or at once when a failure or a stop leaves it
+            for imgs, labels, *_ in loader:
+                labels = torch.as_tensor(labels)
+                problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
+                if problem is not None:
+                    yield None, None, problem
+                    continue
+                imgs = imgs.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                yield self.extractor(imgs), labels, None
+        finally:
+            end_workers(loader)
 
 
 class CachedBatches:

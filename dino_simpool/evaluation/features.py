@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from dino_simpool import distributed as D
+from dino_simpool.data.loader import end_workers, make_loader
 
 UNREADABLE = -1  # the label of a sample whose image could not be read (SafeImageFolder's stand-in)
 GATHER_CHUNK = 65536  # feature rows one gather step collects, all ranks together (the transient buffers' size)
@@ -105,13 +106,12 @@ def extract_features(
     world, rank = D.get_world_size(), D.get_rank()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False) \
         if D.is_dist() else None
-    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=sampler, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=False)
-
+    loader = make_loader(_WithIndex(dataset), batch_size, num_workers, sampler=sampler,
+                         pin_memory=device.type == "cuda", persistent=False)
     try:
         feats, labels, idx = _embed(model, loader, device, desc, show=rank == 0)
     finally:
+        end_workers(loader)  # at once, also when a failure or a stop leaves the loop
         model.train(was_training)
     if not D.is_dist():
         order = torch.argsort(idx)
@@ -143,12 +143,12 @@ def embed_rows(
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     was_training = model.training
     model.eval()
-    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=rows, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        persistent_workers=False)
+    loader = make_loader(_WithIndex(dataset), batch_size, num_workers, sampler=rows, pin_memory=device.type == "cuda",
+                         persistent=False)
     try:
         feats, labels, idx = _embed(model, loader, device, desc, show=D.get_rank() == 0)
     finally:
+        end_workers(loader)
         model.train(was_training)
     ok = labels != UNREADABLE
     if bool(ok.all()):
