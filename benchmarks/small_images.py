@@ -59,7 +59,8 @@ KS = (10, 20)
 EMBEDDED = dict(patch_size=4, depth=2, embed_dim=64, num_heads=2, out_dim=64, global_crops_scale=(0.5, 1.0),
                 local_crops_number=2, local_crops_size=16, local_crops_scale=(0.2, 0.5), lr=0.008, epochs=25,
                 warmup_epochs=2, momentum_teacher=0.99, warmup_teacher_temp=0.02, teacher_temp=0.04,
-                warmup_teacher_temp_epochs=3, weight_decay_end=0.1, batch_size_per_gpu=32)
+                warmup_teacher_temp_epochs=3, weight_decay_end=0.1, batch_size_per_gpu=32, use_bn_in_head=False,
+                norm_last_layer=True, pooling="simpool")
 # Every configuration tried, in the order tried (name -> (what it changes, the values)); "recipe" = the recipe file
 # as written (no overrides). benchmarks/README.md has one row per entry.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -78,6 +79,43 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                        {**EMBEDDED, "epochs": 4, "warmup_teacher_temp": 0.02, "teacher_temp": 0.02, "lr": 0.032}),
     "probe_t02_p8": ("4 epochs, teacher temperature 0.02, patch 8 (16 tokens)",
                      {**EMBEDDED, "epochs": 4, "warmup_teacher_temp": 0.02, "teacher_temp": 0.02, "patch_size": 8}),
+    # 6-epoch probes (198 iterations): a slower teacher or a lower lr, so the student distils the step-0 teacher's
+    # image-dependent targets before both drift to one output
+    "probe6_m996": ("6 epochs, teacher momentum 0.996", {**EMBEDDED, "epochs": 6, "momentum_teacher": 0.996}),
+    "probe6_m999": ("6 epochs, teacher momentum 0.999", {**EMBEDDED, "epochs": 6, "momentum_teacher": 0.999}),
+    "probe6_lr002": ("6 epochs, lr 0.002 (2.5e-4 at batch 32)", {**EMBEDDED, "epochs": 6, "lr": 0.002}),
+    "probe6_m996_lr002": ("6 epochs, momentum 0.996, lr 0.002",
+                          {**EMBEDDED, "epochs": 6, "momentum_teacher": 0.996, "lr": 0.002}),
+    # the step-0 teacher is already almost uniform at temperature 0.04 (the probes' H(teacher) ~ log(out_dim) even
+    # with momentum 0.999): its pooled features differ little between images. BatchNorm in the head standardises each
+    # hidden unit over the batch, so the head's outputs differ between images from the start
+    "probe6_bn": ("6 epochs, BatchNorm in the head", {**EMBEDDED, "epochs": 6, "use_bn_in_head": True}),
+    "probe6_t01_m996": ("6 epochs, teacher temperature 0.01 throughout, momentum 0.996",
+                        {**EMBEDDED, "epochs": 6, "warmup_teacher_temp": 0.01, "teacher_temp": 0.01,
+                         "momentum_teacher": 0.996}),
+    # full-length runs; eval_every 5 adds the training's own k-NN every 5 epochs to log.txt (its eval transform
+    # resizes to 37 px and centre-crops 32), to see how the gain grows with the epochs; its time is in the cost
+    "bn50": ("50 epochs, BatchNorm in the head, k-NN every 5 epochs",
+             {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "eval_every": 5}),
+    # one change at a time from bn50, each within ~10 CPU minutes (fewer epochs where a step costs more)
+    "bn50_out256": ("bn50 with out_dim 256", {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "out_dim": 256}),
+    "bn50_p8": ("bn50 with patch 8 (16 tokens per global crop, 4 per local crop)",
+                {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "patch_size": 8}),
+    "bn50_scales": ("bn50 with crop scales 0.4-1 (global) and 0.1-0.4 (local)",
+                    {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "global_crops_scale": (0.4, 1.0),
+                     "local_crops_scale": (0.1, 0.4)}),
+    "bn40_local4": ("bn50 with 4 local crops, 40 epochs (a step costs more)",
+                    {**EMBEDDED, "epochs": 40, "use_bn_in_head": True, "local_crops_number": 4}),
+    "bn50_lr2x": ("bn50 with lr 0.016 (2e-3 at batch 32)",
+                  {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "lr": 0.016}),
+    "bn50_temp07": ("bn50 with teacher temperature 0.04 -> 0.07 over 10 epochs (DINO's values, shorter warm-up)",
+                    {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "warmup_teacher_temp": 0.04,
+                     "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 10}),
+    "bn50_m996": ("bn50 with teacher momentum 0.996",
+                  {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "momentum_teacher": 0.996}),
+    "bn15_wide": ("bn50's recipe with width 128, depth 4, 4 heads, 15 epochs (a step costs ~3x)",
+                  {**EMBEDDED, "epochs": 15, "use_bn_in_head": True, "embed_dim": 128, "depth": 4,
+                   "num_heads": 4}),
 }
 
 
@@ -235,8 +273,8 @@ def raw_pixel_knn(data: Path) -> dict[int, float]:
 
 def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Path, work: Path, seed: int,
                 threads: int) -> dict[str, Any]:
-    base = [sys.executable, "-m", "dino_simpool.train", "--config", str(recipe), *_flags(overrides),
-            "--data_path", str(data), "--seed", str(seed), "--num_threads", str(threads), "--eval_every", "0"]
+    base = [sys.executable, "-m", "dino_simpool.train", "--config", str(recipe), "--eval_every", "0",
+            *_flags(overrides), "--data_path", str(data), "--seed", str(seed), "--num_threads", str(threads)]
     run_dir = work / "runs" / f"{data.parent.name}_{data.name}_{name}_s{seed}"
     init_dir, train_dir = run_dir / "init", run_dir / "train"
     for d in (init_dir, train_dir):
@@ -245,7 +283,8 @@ def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Pat
     run_dir.mkdir(parents=True)
     print(f"[{name} seed {seed}] random init: {shlex.join(base)} --max_iters 1 --output_dir {init_dir}", flush=True)
     init_dir.mkdir()
-    _run([*base, "--max_iters", "1", "--output_dir", str(init_dir)], run_dir / "init.log", threads)
+    _run([*base, "--max_iters", "1", "--eval_every", "0", "--output_dir", str(init_dir)], run_dir / "init.log",
+         threads)
     diff = check_step0(init_dir / "checkpoint.pth")
     print(f"[{name} seed {seed}] train: {shlex.join(base)} --output_dir {train_dir}", flush=True)
     train_dir.mkdir()
