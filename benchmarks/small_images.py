@@ -116,6 +116,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bn15_wide": ("bn50's recipe with width 128, depth 4, 4 heads, 15 epochs (a step costs ~3x)",
                   {**EMBEDDED, "epochs": 15, "use_bn_in_head": True, "embed_dim": 128, "depth": 4,
                    "num_heads": 4}),
+    # every change above lost to bn50: the other lr direction, a cheaper length, and bn50 without the periodic k-NN
+    "bn50_lr05x": ("bn50 with lr 0.004 (5e-4 at batch 32)",
+                   {**EMBEDDED, "epochs": 50, "use_bn_in_head": True, "lr": 0.004}),
+    "bn30": ("bn50 with 30 epochs", {**EMBEDDED, "epochs": 30, "use_bn_in_head": True}),
+    "bn50_noeval": ("bn50 without the periodic k-NN", {**EMBEDDED, "epochs": 50, "use_bn_in_head": True}),
 }
 
 
