@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dino_simpool.data import build_dataset  # noqa: E402
 from dino_simpool.dino.augment import eval_transform  # noqa: E402
-from eval.knn import knn_classify, l2_normalize  # noqa: E402
+from dino_simpool.evaluation.knn import knn_classify, l2_normalize  # noqa: E402
 
 RECIPE = ROOT / "launch" / "recipes" / "small_images_32px.yaml"
 KS = (10, 20)
@@ -320,7 +320,7 @@ def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Pat
 def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     head = ("| variant | seed | split | init k=10 | trained k=10 | gain k=10 | init k=20 | trained k=20 | gain k=20 "
             "| iters | wall min | CPU min | load |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         i, t, g = r["init"], r["trained"], r["gain"]
         i = {int(k): v for k, v in i.items()}
