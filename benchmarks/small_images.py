@@ -122,6 +122,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bn30": ("bn50 with 30 epochs", {**EMBEDDED, "epochs": 30, "use_bn_in_head": True}),
     "bn50_noeval": ("bn50 without the periodic k-NN", {**EMBEDDED, "epochs": 50, "use_bn_in_head": True}),
 }
+# The variant the recipe file was made from (bn50 won the tune split). Its values = the recipe's; "recipe" runs the
+# file itself with the training's periodic k-NN off (--eval_every 0, like every row here except bn50).
+CHOSEN = "bn50"
+
+# --linear: the linear probe of the trained teacher, three train augmentations (issue 13 §4: RandomResizedCrop with
+# DINO's scale 0.08-1 crops most of a 32 px image away); the same short schedule and lr grid (one head per lr) each
+LINEAR_AUGS: dict[str, list[str]] = {
+    "dino_0.08": [],  # DINO's protocol: RandomResizedCrop(32, scale 0.08-1) + flip
+    "dino_0.5": ["--train_crop_scale", "0.5", "1.0"],
+    "none": ["--train_aug", "none"],  # the val transform (whole image), no augmentation
+}
+LINEAR_LRS = (0.01, 0.1, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the dataset
@@ -263,6 +275,26 @@ def knn(ckpt: Path, data: Path, out: Path, threads: int) -> tuple[dict[int, floa
             for k in KS}, wall
 
 
+def linear_probes(ckpt: Path, data: Path, out: Path, threads: int, epochs: int, seed: int) -> dict[str, Any]:
+    """``eval.linear`` on the frozen teacher for each of ``LINEAR_AUGS``: top-1 (%) of each lr's head after the last
+    epoch, and the best of them."""
+    res: dict[str, Any] = {}
+    for name, flags in LINEAR_AUGS.items():
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "eval.linear", "--pretrained_weights", str(ckpt), "--checkpoint_key", "teacher",
+               "--data_path", str(data), "--resize", "32", "--crop", "32", "--epochs", str(epochs),
+               "--lrs", *map(str, LINEAR_LRS), *flags, "--num_workers", "0", "--num_threads", str(threads),
+               "--seed", str(seed), "--output_dir", str(d)]
+        print(f"  linear probe ({name}): {shlex.join(cmd)}", flush=True)
+        wall, _ = _run(cmd, d / "linear.log", threads)
+        last = json.loads((d / "results.json").read_text())["last"]
+        per_lr = {h: float(v["top1"]) for h, v in last.items()}
+        res[name] = {"last_top1": per_lr, "best_last_top1": max(per_lr.values()), "wall_s": wall,
+                     "command": shlex.join(cmd)}
+    return res
+
+
 def raw_pixel_knn(data: Path) -> dict[int, float]:
     """k-NN top-1 on the eval-transformed pixels themselves (a reference: what no network at all gives)."""
     tf = eval_transform(32, 32)
@@ -277,7 +309,7 @@ def raw_pixel_knn(data: Path) -> dict[int, float]:
 
 
 def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Path, work: Path, seed: int,
-                threads: int) -> dict[str, Any]:
+                threads: int, linear_epochs: int = 0) -> dict[str, Any]:
     base = [sys.executable, "-m", "dino_simpool.train", "--config", str(recipe), "--eval_every", "0",
             *_flags(overrides), "--data_path", str(data), "--seed", str(seed), "--num_threads", str(threads)]
     run_dir = work / "runs" / f"{data.parent.name}_{data.name}_{name}_s{seed}"
@@ -311,9 +343,15 @@ def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Pat
            "trained": k_trained, "gain": {k: k_trained[k] - k_init[k] for k in KS}, "wall_s": wall, "cpu_s": cpu,
            "threads": threads, "load": [load0, load1], "iterations": iters, "epochs": cfg.get("epochs"),
            "step0_max_diff": diff, "command": shlex.join([*base, "--output_dir", str(train_dir)])}
+    if linear_epochs:
+        row["linear"] = linear_probes(train_dir / "checkpoint.pth", data, run_dir / "linear", threads, linear_epochs,
+                                      seed)
+        row["linear_epochs"] = linear_epochs
     with open(work / "results.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(format_rows([row]), flush=True)
+    if linear_epochs:
+        print(format_linear([row]), flush=True)
     return row
 
 
@@ -332,6 +370,20 @@ def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_linear(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The --linear rows: top-1 of each lr's head (last epoch) per train augmentation, and the k-NN beside them."""
+    head = "| variant | seed | split | train aug | epochs | " + " | ".join(f"lr {lr:g}" for lr in LINEAR_LRS) + \
+        " | best | k-NN k=10 | k-NN k=20 |"
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        t = {int(k): v for k, v in r["trained"].items()}
+        for aug, v in r.get("linear", {}).items():
+            cells = " | ".join(f"{x:.1f}" for x in v["last_top1"].values())
+            lines.append(f"| {r['variant']} | {r['seed']} | {r['split']} | {aug} | {r['linear_epochs']} | {cells} | "
+                         f"{v['best_last_top1']:.1f} | {t[10]:.1f} | {t[20]:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default=str(RECIPE))
@@ -339,17 +391,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="heldout", choices=["tune", "heldout"],
                    help="tune: val = the validation split (choose settings here); heldout: val = the test split")
     p.add_argument("--variants", nargs="+", default=["recipe"], help="names from --list, or 'all'")
-    p.add_argument("--layout", default="placed", choices=LAYOUTS, help="placed: digits at a random position, size "
-                   "and angle (the tuning data); centred: the whole scan upscaled (raw pixels already reach ~98 %%)")
+    p.add_argument("--layout", default="centred", choices=LAYOUTS, help="centred: the whole scan upscaled (the "
+                   "recipe was tuned on it; raw pixels already reach ~98 %%); placed: digits at a random position, "
+                   "size and angle on a noisy background (the first probes: no variant gained)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (the data split is fixed)")
     p.add_argument("--num_threads", type=int, default=1, help="torch threads of every command (1: the best choice "
                    "on a shared 2-core machine, benchmarks/README.md)")
+    p.add_argument("--linear", type=int, default=0, metavar="EPOCHS",
+                   help="also run the linear probe of each trained teacher for EPOCHS epochs with each train "
+                   f"augmentation ({', '.join(LINEAR_AUGS)}), lrs {' '.join(map(str, LINEAR_LRS))} (0: skip)")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     args = p.parse_args(argv)
     if args.list:
         for n, (why, ov) in VARIANTS.items():
             print(f"{n:24s} {why}: {_flags(ov) or '(none)'}")
         return 0
+    if args.linear < 0:
+        p.error(f"--linear takes a number of epochs >= 0; got {args.linear}")
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -366,11 +424,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average "
           f"{os.getloadavg()[0]:.1f} at the start", flush=True)
     print(f"raw-pixel k-NN on {args.split}: k=10 {raw[10]:.1f}, k=20 {raw[20]:.1f}", flush=True)
-    rows = [run_variant(n, VARIANTS[n][1], Path(args.recipe).resolve(), data, work, s, args.num_threads)
-            for n in names for s in args.seeds]
+    rows = [run_variant(n, VARIANTS[n][1], Path(args.recipe).resolve(), data, work, s, args.num_threads,
+                        args.linear) for n in names for s in args.seeds]
     print(f"\nk-NN top-1 (%) on {args.split} ({data}); raw pixels k=10 {raw[10]:.1f} / k=20 {raw[20]:.1f}; "
           f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
     print(format_rows(rows))
+    if args.linear:
+        print(f"\nlinear probe top-1 (%) after {args.linear} epochs, per lr head (last epoch)")
+        print(format_linear(rows))
     return 0
 
 
