@@ -339,7 +339,8 @@ def run_variant(name: str, overrides: Mapping[str, Any], recipe: Path, data: Pat
             continue
         if rec.get("event") == "done":
             iters = rec.get("iteration")
-    row = {"variant": name, "seed": seed, "split": data.name, "data": data.parent.name, "overrides": dict(overrides), "init": k_init,
+    row = {"variant": name, "seed": seed, "split": data.name, "data": data.parent.name, "overrides": dict(overrides),
+           "init": k_init,
            "trained": k_trained, "gain": {k: k_trained[k] - k_init[k] for k in KS}, "wall_s": wall, "cpu_s": cpu,
            "threads": threads, "load": [load0, load1], "iterations": iters, "epochs": cfg.get("epochs"),
            "step0_max_diff": diff, "command": shlex.join([*base, "--output_dir", str(train_dir)])}

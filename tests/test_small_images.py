@@ -72,8 +72,8 @@ def test_chosen_variant_is_the_recipe_file():
 
 def test_recipe_comment_states_the_measured_gain_and_the_command():
     text = RECIPE.read_text()
-    assert "benchmarks/small_images.py" in text and "dino-simpool-train --config launch/recipes/small_images_32px.yaml" \
-        in text
+    assert "benchmarks/small_images.py" in text
+    assert "dino-simpool-train --config launch/recipes/small_images_32px.yaml" in text
     assert "dino-simpool-train=dino_simpool.train:main" in (ROOT / "setup.py").read_text()  # the name it gives
     assert "k-NN" in text and "CPU min" in text and "DRAFT" not in text
 
