@@ -35,7 +35,8 @@ setup(
         "kornia>=0.7",  # batched Gaussian blur with one sigma per image (multi-crop stage 2)
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3",
+                "scikit-learn>=1.3"],  # benchmarks/small_images.py: the digits data set (load_digits)
     },
     entry_points={
         "console_scripts": [
