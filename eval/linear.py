@@ -33,7 +33,7 @@ from dino_simpool import distributed as D
 from dino_simpool.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic, strip_module_prefix
 from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, print_error
 from dino_simpool.data import DataError, build_dataset
-from dino_simpool.data.loader import end_workers, make_loader
+from dino_simpool.data.loader import iterate_closing, make_loader
 from dino_simpool.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.step import agree
@@ -327,18 +327,15 @@ class ImageBatches:
         seed = int(self.seed) * 7919 + int(epoch) * 31 + rank
         loader = make_loader(self.dataset, self.bs, self.nw, sampler=sampler, seed=seed,
                              pin_memory=self.device.type == "cuda", persistent=False)
-        try:  # the workers end with the epoch, or at once when a failure or a stop leaves it
-            for imgs, labels, *_ in loader:
-                labels = torch.as_tensor(labels)
-                problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
-                if problem is not None:
-                    yield None, None, problem
-                    continue
-                imgs = imgs.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                yield self.extractor(imgs), labels, None
-        finally:
-            end_workers(loader)
+        for imgs, labels, *_ in iterate_closing(loader):  # its workers end with the epoch, or when it is left
+            labels = torch.as_tensor(labels)
+            problem = label_range_problem(labels, self.num_labels, self.split) if self.num_labels else None
+            if problem is not None:
+                yield None, None, problem
+                continue
+            imgs = imgs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            yield self.extractor(imgs), labels, None
 
 
 class CachedBatches:

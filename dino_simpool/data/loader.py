@@ -62,6 +62,21 @@ def end_workers(*loaders: Any) -> None:
     end_all_workers()
 
 
+def iterate_closing(loader: DataLoader):
+    """Iterate a non-persistent ``loader`` once; its workers (only these) end when the loop ends or is left by an
+    error, a stop or a ``break`` (the generator's close), not when the garbage collector gets to the iterator."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        workers = list(getattr(it, "_workers", []))
+        if hasattr(it, "_shutdown_workers"):
+            try:
+                it._shutdown_workers()
+            finally:
+                _kill(workers)
+
+
 def end_all_workers() -> None:
     """SIGKILL every daemonic child process still alive (loader workers ignore SIGTERM). Idempotent."""
     _kill([p for p in multiprocessing.active_children() if p.daemon])

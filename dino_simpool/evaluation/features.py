@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from dino_simpool import distributed as D
-from dino_simpool.data.loader import end_workers, make_loader
+from dino_simpool.data.loader import make_loader
 
 UNREADABLE = -1  # the label of a sample whose image could not be read (SafeImageFolder's stand-in)
 GATHER_CHUNK = 65536  # feature rows one gather step collects, all ranks together (the transient buffers' size)
@@ -111,7 +111,6 @@ def extract_features(
     try:
         feats, labels, idx = _embed(model, loader, device, desc, show=rank == 0)
     finally:
-        end_workers(loader)  # at once, also when a failure or a stop leaves the loop
         model.train(was_training)
     if not D.is_dist():
         order = torch.argsort(idx)
@@ -148,7 +147,6 @@ def embed_rows(
     try:
         feats, labels, idx = _embed(model, loader, device, desc, show=D.get_rank() == 0)
     finally:
-        end_workers(loader)
         model.train(was_training)
     ok = labels != UNREADABLE
     if bool(ok.all()):
