@@ -11,8 +11,9 @@ a tiny ViT, a few CPU minutes. Without ``--gp`` the demo trains two of them, ``-
 ``--gp`` it trains that one model (and draws its maps). The demo's configuration is the ``[embedded: ...]`` values in
 ``--help``: a 2-block, 64-wide ViT (2 heads, patch 8 on 64 px: 8x8 tokens), 1000 train / 250 val images, batch 64,
 10 epochs (150 steps), AdamW lr 3e-3 with a per-step schedule, RandAugment + erasing 0.25 + mixup 0.2 + smoothing
-0.1, EMA 0.95. Measured 2026-12-01 on the shared 2-core CPU machine: val top-1 [CLS] 81.6 %, SimPool 84.8 % (chance
-10 %), 11 min wall for both at a load of ~10 (4.5 CPU-minutes).
+0.1, EMA 0.95. Measured 2026-12-01 on the shared 2-core CPU machine with ``--num_threads 1``: val top-1 [CLS]
+81.6 %, SimPool 85.6 % (chance 10 %), 66 s wall for both (load ~3); an earlier run with torch's 2 threads gave
+81.6 % and 84.8 % (11 min wall at a load of ~10).
 
 Exit codes: 0 done, 75 saved after SIGUSR1/SIGTERM (requeue me), 3 non-finite loss, 2 bad options/data/checkpoint,
 74 a checkpoint could not be written (disk full, read-only), 1 a crash.
