@@ -154,9 +154,9 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--boxes_format", default="auto", choices=["auto", "json", "cub"], help="auto: by suffix (.json / .txt)")
     p.add_argument("--images_txt", default=None, help="CUB images.txt (default: beside the boxes file)")
     p.add_argument("--map", default="auto", choices=list(MAP_CHOICES),
-                   help="auto: the pooling's map (SimPool), the last block's [CLS] attention head mean (cls), or similarity "
-                        "(gap, whose own attention is uniform). similarity: cosine of each location's feature with the "
-                        "pooled vector, for any pooling")
+                   help="auto: the pooling's map (SimPool), the last block's [CLS] attention head mean (cls), or "
+                        "similarity (gap, whose own attention is uniform). similarity: cosine of each location's "
+                        "feature with the pooled vector, for any pooling")
     p.add_argument("--threshold_step", default=0.01, type=float, help="spacing of the map thresholds in [0, 1)")
     return p
 
