@@ -260,9 +260,10 @@ def write_results(table: str, rows) -> None:
     loads = [x for r in rows if r.get("train") for x in r["train"]["load"]]
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, CPU only, 1 torch thread "
                f"per run; load average {min(loads):.1f}-{max(loads):.1f} during training" if loads else "")
-    text = (f"# The localization miniature (cluttered layout)\n\nMeasured "
-            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine} with "
-            f"`python benchmarks/localization.py --write_results`.\n\n{table}\n\n"
+    text = (f"# The localization miniature (cluttered layout)\n\nEvaluated "
+            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine} (each run's training time is in "
+            f"its row; dino_bnhead rows: `--posthoc`, outside the protocol) with "
+            f"`python benchmarks/localization.py --skip_train --posthoc --write_results`.\n\n{table}\n\n"
             f"Protocol (from the script's docstring, fixed before the results):\n\n{__doc__.split('Protocol')[1]}")
     out = ROOT / "benchmarks" / "results" / "localization.md"
     out.parent.mkdir(parents=True, exist_ok=True)
