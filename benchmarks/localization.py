@@ -10,7 +10,8 @@ Protocol (fixed before any result was seen; the defaults of this script are it):
 * Data: ``SyntheticShapes(layout="cluttered")`` at 32 px, written once as an ImageFolder with its exact boxes
   (``boxes.json``): train 200 images per class (2,000), val 50 per class (500). Objects sit anywhere, at radius
   0.08-0.22 of the side, on a distractor texture with 4-8 clutter shapes; a centred Gaussian scores low there.
-* Model: the same tiny ViT for all six (``vit_tiny``, depth 4, width 64, 4 heads, patch 4: 8 x 8 tokens), seed 0.
+* Model: the same tiny ViT for all six (``vit_tiny``, depth 4, width 64, 4 heads, patch 4: 8 x 8 tokens), seed 0
+  (``--seed``: another seed, for the same data).
 * Equal budget: 30 epochs of the 2,000 train images at batch 64 (930 optimizer steps, 60,000 images) for every
   model, through the real command lines, 1 torch thread, 1 loader worker. A DINO step costs more (2 global 32 px +
   2 local 16 px crops and the teacher); the table states each run's wall and CPU time.
@@ -81,13 +82,13 @@ DINO_RECIPE = [
     "--optimizer", "adamw", "--lr", "0.008", "--min_lr", "1e-5", "--warmup_epochs", "2", "--weight_decay", "0.04",
     "--weight_decay_end", "0.1", "--clip_grad", "3.0", "--freeze_last_layer", "1", "--drop_path_rate", "0.0",
     "--batch_size_per_gpu", str(BATCH), "--eval_every", "0", "--saveckp_freq", "1000",
-    "--seed", "0", "--num_workers", "1", "--num_threads", "1", "--log_every", "50",
+    "--num_workers", "1", "--num_threads", "1", "--log_every", "50",
 ]
 SUP_RECIPE = [
     "--img-size", str(SIZE), "--crop-pct", "1.0", "--scale", "0.35", "1.0", "--aa", "rand-m9-mstd0.5-inc1",
     "--reprob", "0.25", "--mixup", "0.2", "--smoothing", "0.1", "--opt", "adamw", "--weight-decay", "0.05",
     "--lr", "3e-3", "--sched-on-updates", "--warmup-epochs", "1", "--min-lr", "1e-5", "--model-ema",
-    "--model-ema-decay", "0.95", "-b", str(BATCH), "--seed", "0", "--workers", "1",
+    "--model-ema-decay", "0.95", "-b", str(BATCH), "--workers", "1",
     "--num_threads", "1", "--log-interval", "50", "--attention-images", "0", "--drop-path", "0.0",
 ]
 
@@ -102,7 +103,7 @@ def export_data(root: Path) -> Path:
     return root
 
 
-def train_command(kind: str, pooling: str, data: Path, out: Path, epochs: int = EPOCHS) -> list[str]:
+def train_command(kind: str, pooling: str, data: Path, out: Path, epochs: int = EPOCHS, seed: int = 0) -> list[str]:
     """The training command line of one run (``--epochs`` last, so that a smoke run may shorten it)."""
     if kind in ("dino", POSTHOC):
         gamma = ["--gamma", str(GAMMA)] if pooling == "simpool" else []
@@ -110,11 +111,11 @@ def train_command(kind: str, pooling: str, data: Path, out: Path, epochs: int = 
         if kind == POSTHOC:  # BatchNorm in the head: what made DINO learn on small digits (benchmarks/small_images.py)
             recipe[recipe.index("--use_bn_in_head") + 1] = "True"
         return [sys.executable, "-m", "dino_simpool.train", *DINO_MODEL, "--pooling", pooling, *gamma, *recipe,
-                "--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs)]
+                "--data_path", str(data), "--output_dir", str(out), "--seed", str(seed), "--epochs", str(epochs)]
     gp = {"cls": "token", "gap": "avg", "simpool": "simpool"}[pooling]
     gamma = ["--gamma", str(GAMMA)] if pooling == "simpool" else []
     return [sys.executable, "-m", "dino_simpool.supervised", *SUP_MODEL, "--gp", gp, *gamma, *SUP_RECIPE,
-            "--data-dir", str(data), "--output", str(out), "--epochs", str(epochs)]
+            "--data-dir", str(data), "--output", str(out), "--seed", str(seed), "--epochs", str(epochs)]
 
 
 def run_training(cmd: list[str], out: Path) -> dict:
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"the protocol's {EPOCHS}; fewer only to smoke-test")
     p.add_argument("--posthoc", action="store_true", help=f"also the {POSTHOC} runs: DINO with BatchNorm in the head, "
                    "added after the protocol's results showed DINO learning nothing (not part of the protocol)")
+    p.add_argument("--seed", type=int, default=0, help="training and random-init seed (the protocol's: 0; the data "
+                   "stay the same)")
     p.add_argument("--train_only", action="store_true", help="train (see --only) and stop; evaluate later")
     p.add_argument("--write_results", action="store_true", help="write benchmarks/results/localization.md")
     args = p.parse_args(argv)
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
             if args.only and name not in args.only:
                 continue
             out = work / kind / pooling
-            took = run_training(train_command(kind, pooling, data, out, args.epochs), out)
+            took = run_training(train_command(kind, pooling, data, out, args.epochs, args.seed), out)
             (out / "train_time.json").write_text(json.dumps(took))  # per run: parallel --only runs may share work
             print(f"{name}: {took['wall_s'] / 60:.1f} min wall, {took['cpu_s'] / 60:.1f} CPU min", flush=True)
     if args.train_only:
@@ -214,13 +217,15 @@ def main(argv=None) -> int:
     seen_configs: list[dict] = []
     for kind, pooling in runs:
         ckpt = work / kind / pooling / "checkpoint.pth"
+        if args.only and f"{kind}/{pooling}" not in args.only:
+            continue  # --only: evaluate those runs alone
         key = "model_ema" if kind == "supervised" else "teacher"
         trained, _ = build_backbone_from_checkpoint(ckpt, checkpoint_key=key)
         meta = torch.load(ckpt, map_location="cpu", weights_only=True)
         todo = []
         if trained.config not in seen_configs:
             seen_configs.append(trained.config)
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             todo.append(("random init", build_backbone(**trained.config)))
         todo.append((f"trained ({meta['iteration']} it)", trained))
         for label, model in todo:
