@@ -52,14 +52,20 @@ def end_workers(*loaders: Any) -> None:
     """Stop the (persistent) workers of ``loaders`` now: the loader's own shutdown, then SIGKILL for any straggler."""
     for loader in loaders:
         it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            workers = list(getattr(it, "_workers", []))
-            try:
-                it._shutdown_workers()
-            finally:
-                _kill(workers)
+        if it is not None:
+            _end_iterator(it)
             loader._iterator = None
     end_all_workers()
+
+
+def _end_iterator(it: Any) -> None:
+    """One loader iterator's workers: its own shutdown, then SIGKILL for any straggler."""
+    if hasattr(it, "_shutdown_workers"):
+        workers = list(getattr(it, "_workers", []))
+        try:
+            it._shutdown_workers()
+        finally:
+            _kill(workers)
 
 
 def iterate_closing(loader: DataLoader):
@@ -69,12 +75,7 @@ def iterate_closing(loader: DataLoader):
     try:
         yield from it
     finally:
-        workers = list(getattr(it, "_workers", []))
-        if hasattr(it, "_shutdown_workers"):
-            try:
-                it._shutdown_workers()
-            finally:
-                _kill(workers)
+        _end_iterator(it)
 
 
 def end_all_workers() -> None:
