@@ -58,8 +58,9 @@ def build_config(layers: Sequence[Mapping[str, Any]]) -> TrainConfig:
     return cfg
 
 
-def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe's flags (keys may be written ``--lr`` or ``lr``), aliases folded; ValueError naming the file."""
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``--config`` recipe file's mapping, keys with any leading ``--`` stripped and ``config`` dropped; ValueError
+    naming the file. Both trainers read their recipes with it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
@@ -71,4 +72,9 @@ def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     data = {str(k).lstrip("-"): v for k, v in data.items()}
     data.pop("config", None)
-    return fold_aliases(data, str(path))
+    return data
+
+
+def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe's flags (keys may be written ``--lr`` or ``lr``), aliases folded; ValueError naming the file."""
+    return fold_aliases(read_yaml_mapping(path), str(path))

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from dino_simpool.cli import OneLineErrorParser, available_cpus, bool_flag, positive_int
+from dino_simpool.config.layers import read_yaml_mapping
 from dino_simpool.models.backbones import arch_family, list_archs
 from dino_simpool.models.options import parse_gamma, resolve_gamma, resolve_pooling
 from dino_simpool.pooling import get_pooling_entry
@@ -435,16 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_yaml_layer(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
-    return {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items() if k != "config"}
+    """A recipe's options (keys as timm's args.yaml: ``weight_decay``, ``weight-decay`` or ``--weight-decay``)."""
+    return {k.replace("-", "_"): v for k, v in read_yaml_mapping(path).items()}
 
 
 def with_embedded_defaults(given: dict[str, Any]) -> dict[str, Any]:
