@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dino_simpool.checkpoint import CheckpointError
 from dino_simpool.data.sampling import mix_seed
 
 
@@ -57,6 +58,25 @@ def get_rng_state() -> dict:
         "python": {"version": int(py_state[0]), "state": list(py_state[1]),
                    "gauss_next": py_state[2]},
     }
+
+
+def restore_position(ck: dict, path: Any, niter: int, world: int, rank: int, log: Any,
+                     output_flag: str = "--output_dir") -> tuple[int, int, int]:
+    """A resume point's (epoch, iteration in the epoch, global iteration), checked against ``niter`` iterations per
+    epoch, with this rank's RNG state restored when the world size is the same (both trainers resume through it)."""
+    epoch, iter0, iteration = int(ck["epoch"]), int(ck["iter_in_epoch"]), int(ck["iteration"])
+    if iteration != epoch * niter + iter0 or iter0 >= niter:
+        raise CheckpointError(
+            f"{path} was written with a different number of iterations per epoch (it is at epoch {epoch}, "
+            f"iteration {iteration}, {iter0} in the epoch; now an epoch has {niter}): resume with the same "
+            f"batch size, number of processes and data, or use another {output_flag}")
+    per_rank = (ck.get("rng") or {}).get("per_rank") or []
+    if (ck.get("rng") or {}).get("world_size") == world and len(per_rank) > rank:
+        set_rng_state(per_rank[rank])
+    log.info(f"resuming from {path} at epoch {epoch} iteration {iteration}")
+    log.event({"event": "resume", "epoch": epoch, "iteration": iteration, "iter_in_epoch": iter0,
+               "path": str(path)})
+    return epoch, iter0, iteration
 
 
 def set_rng_state(state: dict) -> None:

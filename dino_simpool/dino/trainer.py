@@ -34,7 +34,7 @@ from dino_simpool.augment import build_multicrop
 from dino_simpool.dino.augment import eval_transform
 from dino_simpool.dino.build import build_student_teacher, init_from_pretrained, optimizer_options, place, unwrap
 from dino_simpool.data.sampling import ResumableDistributedSampler, SeededDataset
-from dino_simpool.dino.determinism import gather_rng_state, rng_isolated, seed_all, seed_step, set_rng_state
+from dino_simpool.dino.determinism import gather_rng_state, restore_position, rng_isolated, seed_all, seed_step
 from dino_simpool.dino.loss import DINOLoss
 from dino_simpool.dino.optim import apply_schedules, build_optimizer, param_groups
 from dino_simpool.dino.schedules import cosine_scheduler, scaled_lr
@@ -304,19 +304,7 @@ class TrainState:
         if self.step.scaler is not None and ck.get("scaler"):
             self.step.scaler.load_state_dict(ck["scaler"])
         self.loss.center.copy_(ck["dino_loss"]["center"].to(self.loss.center.device))
-        epoch, iter0, iteration = int(ck["epoch"]), int(ck["iter_in_epoch"]), int(ck["iteration"])
-        if iteration != epoch * niter + iter0 or iter0 >= niter:
-            raise CheckpointError(
-                f"{path} was written with a different number of iterations per epoch (it is at epoch {epoch}, "
-                f"iteration {iteration}, {iter0} in the epoch; now an epoch has {niter}): resume with the same "
-                f"batch size, number of processes and data, or use another --output_dir")
-        per_rank = (ck.get("rng") or {}).get("per_rank") or []
-        if (ck.get("rng") or {}).get("world_size") == world and len(per_rank) > rank:
-            set_rng_state(per_rank[rank])
-        log.info(f"resuming from {path} at epoch {epoch} iteration {iteration}")
-        log.event({"event": "resume", "epoch": epoch, "iteration": iteration, "iter_in_epoch": iter0,
-                   "path": str(path)})
-        return epoch, iter0, iteration
+        return restore_position(ck, path, niter, world, rank, log)
 
 
 def knn_eval(teacher: nn.Module, cfg: TrainConfig, datasets, device: torch.device,

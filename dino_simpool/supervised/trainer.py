@@ -34,7 +34,7 @@ from dino_simpool import distributed as D
 from dino_simpool.checkpoint import (CHECKPOINT_NAME, Checkpointer, CheckpointError, describe_key_mismatch,
                                      remove_stale_temporaries, save_atomic)
 from dino_simpool.data.loader import end_workers
-from dino_simpool.dino.determinism import gather_rng_state, seed_all, seed_step, set_rng_state
+from dino_simpool.dino.determinism import gather_rng_state, restore_position, seed_all, seed_step
 from dino_simpool.dino.step import agree
 from dino_simpool.logs import Logger, Progress, format_seconds, log_stop
 from dino_simpool.job import run_job
@@ -397,16 +397,4 @@ class TrainState:
             self.run.step.scaler.load_state_dict(ck["scaler"])
         self.best = dict(ck.get("best") or self.best)
         self.metrics = ck.get("metrics")
-        epoch, iter0, iteration = int(ck["epoch"]), int(ck["iter_in_epoch"]), int(ck["iteration"])
-        if iteration != epoch * niter + iter0 or iter0 >= niter:
-            raise CheckpointError(
-                f"{path} was written with a different number of iterations per epoch (it is at epoch {epoch}, "
-                f"iteration {iteration}, {iter0} in the epoch; now an epoch has {niter}): resume with the same batch "
-                f"size, number of processes and data, or use another --output")
-        per_rank = (ck.get("rng") or {}).get("per_rank") or []
-        if (ck.get("rng") or {}).get("world_size") == world and len(per_rank) > rank:
-            set_rng_state(per_rank[rank])
-        log.info(f"resuming from {path} at epoch {epoch} iteration {iteration}")
-        log.event({"event": "resume", "epoch": epoch, "iteration": iteration, "iter_in_epoch": iter0,
-                   "path": str(path)})
-        return epoch, iter0, iteration
+        return restore_position(ck, path, niter, world, rank, log, "--output")
